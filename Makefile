@@ -1,0 +1,30 @@
+# slimkit: `make demo` and `make test` each set up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   := models/digits_resnet20.pt
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(VENV)/.installed
+
+# Re-installs only when pyproject.toml changes. torch/torchvision are pinned in pyproject.toml so
+# they come from local disk on the project's machines.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+demo: venv
+	@mkdir -p .demo
+	$(BIN)/slimkit extract --split-rate 0.5 $(DEMO) -o .demo/digits_resnet20.slim.pt --force
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,4 @@
+"""`python -m slimkit` is `slimkit`."""
+from slimkit.cli import main
+
+raise SystemExit(main())

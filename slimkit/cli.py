@@ -1,0 +1,100 @@
+"""`slimkit <verb>`: one thin function a verb; the work happens in the library.
+
+User mistakes (SlimkitError, bad arguments) print one line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message over two lines; we print one
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _split_rate(text: str) -> float:
+    from slimkit.errors import SlimkitError
+    from slimkit.plan import check_split_rate
+
+    try:
+        return check_split_rate(text)
+    except SlimkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return n
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from slimkit.extract import extract
+
+    report = extract(
+        args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
+        num_classes=args.num_classes, out=args.output, force=args.force,
+    )
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from slimkit.models import list_models
+
+    for family in ("torchvision", "small"):
+        print(f"{family}: {', '.join(list_models(family))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimkit import __version__
+
+    p = _Parser(prog="slimkit", description="Make trained networks physically smaller and faster, and prove it.")
+    p.add_argument("--version", action="version", version=f"slimkit {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    e = sub.add_parser(
+        "extract", help="cut the KELS fit hypothesis out of a checkpoint as a smaller dense network",
+        description="Build the fit hypothesis of a trained network as a physically smaller dense network, "
+        "verify it equals the dense network with its reset hypothesis zeroed, write it (CKPT.slim.pt by "
+        "default) and print dense vs slim parameters, MACs and file size.",
+    )
+    e.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    e.add_argument("--split-rate", type=_split_rate, help="fraction of channels in the fit hypothesis, in (0, 1); "
+                   "optional for KE checkpoints whose masks define the split")
+    e.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="only kels has a slim network")
+    e.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
+    e.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
+    e.add_argument("-o", "--output", help="where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
+    e.add_argument("--force", action="store_true", help="overwrite an existing output")
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.set_defaults(func=_cmd_extract)
+
+    m = sub.add_parser("models", help="list the architectures slimkit can build")
+    m.set_defaults(func=_cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from slimkit.errors import SlimkitError
+
+    try:
+        return args.func(args)
+    except SlimkitError as exc:
+        sys.stderr.write(f"slimkit {args.verb}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("slimkit: interrupted\n")
+        return 130

@@ -1,0 +1,119 @@
+"""Channel coupling of a network, traced once with torch-pruning's DependencyGraph.
+
+This module only *describes* a network: which conv/linear layers' output channels are tied
+together (residual adds, concatenations, depthwise convs) and which input channels of which
+consumers each output channel feeds (through BN, pooling, flatten, cat). Choosing channels
+(plan.py) and cutting them (surgery.py) both read this description.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError, one_line
+
+__all__ = ["Member", "CoupledGroup", "ChannelGraph", "prunable_layers"]
+
+_PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One layer's share of a coupled group: ``local[i]`` of this layer is ``root[i]`` of the group."""
+
+    name: str  # fully qualified module name
+    local: tuple[int, ...]
+    root: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class CoupledGroup:
+    """Output channels that must be kept or dropped together, indexed in the root layer's space.
+
+    ``producers`` are the conv/linear layers whose output channels are the group's channels (more
+    than one across a residual add). ``consumers`` are the conv/linear layers whose *input*
+    channels read them (several per channel after a flatten).
+    """
+
+    root: str
+    size: int
+    producers: tuple[Member, ...]
+    consumers: tuple[Member, ...]
+
+    @property
+    def is_output(self) -> bool:
+        """No layer reads these channels: they reach the network's output (the classifier's classes)."""
+        return not self.consumers
+
+
+def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d / Linear layers by fully qualified name, in definition order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+class ChannelGraph:
+    """The traced coupling of ``model``; valid until the model's shapes change (``refresh`` after)."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
+        import torch_pruning as tp  # heavy import kept out of `import slimkit`
+
+        self.model = model
+        self.input_shape = tuple(input_shape)
+        self.layers = prunable_layers(model)
+        for name, m in self.layers.items():
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m):
+                raise SlimkitError(
+                    f"layer {name}: grouped convolution (groups={m.groups}) is not supported; "
+                    "only dense and depthwise convolutions can be cut exactly"
+                )
+        was_training = model.training
+        model.eval()  # tracing runs a forward: never let it move BN running statistics
+        try:
+            self.dg = tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.zeros(1, *self.input_shape), verbose=False
+            )
+        except Exception as exc:  # tracing failures come from the user's model or input shape
+            raise SlimkitError(
+                f"cannot trace the network at input shape {list(self.input_shape)}: {one_line(exc)}"
+            ) from exc
+        finally:
+            model.train(was_training)
+        self._names = {m: n for n, m in self.layers.items()}
+        self.groups = list(self._build_groups())
+        self.group_of = {p.name: g for g in self.groups for p in g.producers}
+
+    def _build_groups(self) -> Iterator[CoupledGroup]:
+        dg, seen = self.dg, set()
+        for name, m in self.layers.items():
+            if name in seen or m not in dg.module2node:
+                continue  # unused layers are not traced: they are left as they are
+            pruner = dg.get_pruner_of_module(m)
+            size = pruner.get_out_channels(m)
+            group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(size)))
+            producers, consumers = {}, {}
+            for item in group:
+                dep, target = item.dep, item.dep.target.module
+                tname = self._names.get(target)
+                if tname is None:
+                    continue  # BN, activations, pooling: they follow their channels
+                pair = (tuple(int(i) for i in item.idxs), tuple(int(i) for i in item.root_idxs))
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    producers[tname] = Member(tname, *pair)
+                elif dg.is_in_channel_pruning_fn(dep.handler) and not _is_depthwise(target):
+                    # a depthwise conv reads one channel per filter: it is a producer, not a consumer
+                    consumers[tname] = Member(tname, *pair)
+            seen.update(producers)
+            yield CoupledGroup(name, size, tuple(producers.values()), tuple(consumers.values()))
+
+    def prune_group(self, group: CoupledGroup, drop_root: list[int]) -> None:
+        """Physically remove root channels ``drop_root`` of ``group`` and everything coupled to them."""
+        root = self.layers[group.root]
+        pruner = self.dg.get_pruner_of_module(root)
+        self.dg.get_pruning_group(root, pruner.prune_out_channels, sorted(drop_root)).prune()

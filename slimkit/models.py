@@ -1,0 +1,226 @@
+"""Model registry: torchvision classifiers by name plus small nets for small images.
+
+Every model slimkit creates carries a :class:`ModelSpec` (``model.slimkit_spec``): the registry
+name, the complete constructor arguments and the input shape. Checkpoints store the spec, so a
+network is rebuilt from its name and arguments and never unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+
+__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "spec_of"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a dense network: registry name, constructor arguments, input shape (C, H, W)."""
+
+    arch: str
+    args: dict[str, Any]
+    input_shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, "args": dict(self.args), "input_shape": list(self.input_shape)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(arch=str(d["arch"]), args=dict(d["args"]), input_shape=tuple(int(s) for s in d["input_shape"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    input_shape: Callable[[dict[str, Any]], tuple[int, ...]]
+    family: str  # "torchvision" or "small"
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_model(name: str, input_shape, family: str = "small"):
+    """Decorator adding a factory to the registry.
+
+    ``input_shape`` is a fixed (C, H, W) tuple or a function of the complete constructor arguments.
+    """
+    shape_fn = input_shape if callable(input_shape) else (lambda args, s=tuple(input_shape): s)
+
+    def deco(factory):
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        _REGISTRY[name] = _Entry(factory, shape_fn, family)
+        return factory
+
+    return deco
+
+
+def list_models(family: str | None = None) -> list[str]:
+    return sorted(n for n, e in _REGISTRY.items() if family is None or e.family == family)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise SlimkitError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registry model with random weights, in eval mode, with its ModelSpec attached."""
+    entry = _entry(name)
+    sig = inspect.signature(entry.factory)
+    unknown = sorted(set(kwargs) - set(sig.parameters))
+    if unknown:
+        raise SlimkitError(
+            f"model {name!r} takes no argument {', '.join(unknown)}; it takes: {', '.join(sig.parameters)}"
+        )
+    bound = sig.bind(**kwargs)
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    if "num_classes" in args and (not isinstance(args["num_classes"], int) or args["num_classes"] < 1):
+        raise SlimkitError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
+    model = entry.factory(**args)
+    model.slimkit_spec = ModelSpec(name, args, tuple(entry.input_shape(args)))
+    return model.eval()
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    spec = getattr(model, "slimkit_spec", None)
+    if spec is None:
+        raise SlimkitError(
+            "this model was not created by slimkit.create_model and carries no ModelSpec; "
+            "build it with slimkit.create_model(name, ...) or load it with slimkit.load(path)"
+        )
+    return spec
+
+
+# --- torchvision classifiers (3x224x224 inputs) -------------------------------------------------
+
+def _tv(fn_name: str):
+    def factory(num_classes: int = 1000) -> nn.Module:
+        import torchvision.models as tvm  # imported here: `import slimkit` stays light
+
+        return getattr(tvm, fn_name)(weights=None, num_classes=num_classes)
+
+    factory.__name__ = fn_name
+    return factory
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v2", "densenet121"):
+    register_model(_name, input_shape=(3, 224, 224), family="torchvision")(_tv(_name))
+
+
+# --- small nets for small images (the bundled 8x8 digits, CIFAR-sized data) --------------------
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            # projection shortcut (ResNet "option B"): keeps every stage a clean residual stream
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) of He et al. for small images: three stages of width w, 2w, 4w."""
+
+    def __init__(self, num_classes: int, depth: int, width: int, in_chans: int):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise SlimkitError(f"cifar_resnet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_chans, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers, cin = [], width
+        for i, cout in enumerate((width, 2 * width, 4 * width)):
+            blocks = []
+            for j in range(n):
+                blocks.append(_BasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # (B, num_classes)
+
+
+@register_model("cifar_resnet", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
+def cifar_resnet(num_classes: int = 10, depth: int = 20, width: int = 16, in_chans: int = 3,
+                 image_size: int = 32) -> nn.Module:
+    # image_size does not change the weights; it is recorded so the checkpoint knows its input shape
+    return CifarResNet(num_classes, depth, width, in_chans)
+
+
+class SmallVGG(nn.Module):
+    """Conv-BN-ReLU stages with max-pooling, then a flatten and a two-layer classifier.
+
+    The flatten makes the first Linear read C*H*W features, the case where a Linear must follow the
+    channels it reads.
+    """
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...], in_chans: int, image_size: int, hidden: int):
+        super().__init__()
+        layers, cin, size = [], in_chans, image_size
+        for w in widths:
+            layers += [nn.Conv2d(cin, w, 3, 1, 1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin, size = w, size // 2
+        if size < 1:
+            raise SlimkitError(f"small_vgg: image_size {image_size} is too small for {len(widths)} pooling stages")
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(cin * size * size, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("small_vgg", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
+def small_vgg(num_classes: int = 10, widths: tuple[int, ...] = (32, 64), in_chans: int = 1, image_size: int = 8,
+              hidden: int = 128) -> nn.Module:
+    return SmallVGG(num_classes, tuple(widths), in_chans, image_size, hidden)
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU layers: the network of the DEN experiments."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int):
+        super().__init__()
+        layers, cin = [nn.Flatten()], in_features
+        for h in hidden:
+            layers += [nn.Linear(cin, h), nn.ReLU(inplace=True)]
+            cin = h
+        layers.append(nn.Linear(cin, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_model("mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
+def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (312, 128), in_chans: int = 1, image_size: int = 8) -> nn.Module:
+    return MLP(in_chans * image_size * image_size, tuple(hidden), num_classes)

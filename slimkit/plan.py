@@ -1,0 +1,203 @@
+"""What survives: KeepPlan, and the Knowledge Evolution split masks (KELS, WELS).
+
+A :class:`KeepPlan` names, for conv/linear layers, which output channels (units) survive. It is the
+one object every method emits (KELS here; merging, DEN and baselines later) and the one object
+surgery consumes. Layers a plan does not name keep all their channels unless they are coupled to a
+layer it names (a residual add, a depthwise conv), in which case they follow it.
+
+Split masks are weight-shaped boolean tensors marking the *fit hypothesis* (Taha et al., CVPR 2021):
+KELS keeps the first ceil(sr*C_out) filters x the first ceil(sr*C_in) kernels of every layer; WELS
+keeps a random sr fraction of every weight tensor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.graph import ChannelGraph, CoupledGroup, prunable_layers
+
+__all__ = [
+    "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "plan_masks", "wels_masks",
+    "plan_from_masks", "apply_masks",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepPlan:
+    """Kept output channels per layer (fully qualified name -> ascending indices)."""
+
+    keep: Mapping[str, tuple[int, ...]]
+    origin: str = ""  # how the plan was made, e.g. "kels split_rate=0.5"
+
+    def __post_init__(self):
+        clean = {}
+        for name, idxs in self.keep.items():
+            idxs = tuple(int(i) for i in idxs)
+            if not idxs:
+                raise SlimkitError(f"plan keeps no channel of layer {name}; a layer must keep at least one")
+            if list(idxs) != sorted(set(idxs)) or idxs[0] < 0:
+                raise SlimkitError(f"plan for layer {name} must list distinct non-negative channels in ascending order")
+            clean[name] = idxs
+        object.__setattr__(self, "keep", clean)
+
+    def widths(self) -> dict[str, int]:
+        return {n: len(i) for n, i in self.keep.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"origin": self.origin, "keep": {n: list(i) for n, i in self.keep.items()}}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "KeepPlan":
+        try:
+            return cls(keep={str(n): tuple(i) for n, i in d["keep"].items()}, origin=str(d.get("origin", "")))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise SlimkitError(f"malformed KeepPlan: {exc}") from exc
+
+    def validate(self, model: nn.Module) -> None:
+        """Every named layer exists, is conv/linear, and every index is in range."""
+        layers = prunable_layers(model)
+        for name, idxs in self.keep.items():
+            if name not in layers:
+                kind = "is not a Conv2d/Linear layer" if name in dict(model.named_modules()) else "does not exist"
+                raise SlimkitError(f"plan names layer {name!r}, which {kind} in this network")
+            n = _out_channels(layers[name])
+            if idxs[-1] >= n:
+                raise SlimkitError(f"plan keeps channel {idxs[-1]} of layer {name}, which has only {n} output channels")
+
+    def dropped(self, group: CoupledGroup) -> list[int]:
+        """Root-space channels of ``group`` this plan drops; refuses if coupled layers disagree."""
+        verdict: dict[int, tuple[bool, str, int]] = {}  # root idx -> (kept, layer, local idx)
+        for p in group.producers:
+            kept = self.keep.get(p.name)
+            if kept is None:
+                continue  # layers the plan does not name follow the layers they are coupled to
+            kept = set(kept)
+            for local, root in zip(p.local, p.root):
+                k = local in kept
+                prev = verdict.setdefault(root, (k, p.name, local))
+                if prev[0] != k:
+                    a, b = (prev[1], p.name) if prev[0] else (p.name, prev[1])
+                    ia, ib = (prev[2], local) if prev[0] else (local, prev[2])
+                    raise SlimkitError(
+                        f"plan is inconsistent across coupled layers {a} and {b}: {a} keeps channel {ia} "
+                        f"but {b} drops channel {ib}, and these channels are tied (residual add, concatenation "
+                        "or depthwise conv); coupled layers must keep the same channels"
+                    )
+        drop = sorted(r for r, (k, _, _) in verdict.items() if not k)
+        if drop and len(drop) == group.size:
+            raise SlimkitError(f"plan drops every channel of layer {group.root}; keep at least one")
+        return drop
+
+
+def _out_channels(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+
+
+def check_split_rate(split_rate: Any) -> float:
+    """A split rate is a real number strictly between 0 and 1."""
+    try:
+        sr = float(split_rate)
+    except (TypeError, ValueError):
+        raise SlimkitError(f"split rate must be a number in (0, 1), got {split_rate!r}") from None
+    if not (0.0 < sr < 1.0):  # also rejects NaN
+        raise SlimkitError(f"split rate must be in (0, 1) exclusive, got {split_rate!r}")
+    return sr
+
+
+def kels_count(channels: int, split_rate: float) -> int:
+    """ceil(sr * C), immune to float noise such as 0.7 * 10 = 7.000000000000001."""
+    return max(1, math.ceil(round(split_rate * channels, 9)))
+
+
+def kels_plan(graph: ChannelGraph, split_rate: float) -> KeepPlan:
+    """KELS fit hypothesis: the first ceil(sr*C) output channels of every layer.
+
+    The classifier (channels nobody reads) keeps every class; the first conv keeps every input
+    channel because nothing produces them; a Linear after a flatten and a depthwise conv follow
+    the channels they read, and a concatenation is split per chunk, because the consumers' input
+    masks are derived from the producers' plans through the traced graph.
+    """
+    sr = check_split_rate(split_rate)
+    keep = {}
+    for g in graph.groups:
+        if g.is_output:
+            continue
+        for p in g.producers:
+            keep[p.name] = tuple(range(kels_count(len(p.local), sr)))
+    return KeepPlan(keep, origin=f"kels split_rate={sr:g}")
+
+
+def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
+    """Weight-shaped boolean masks of what ``plan`` keeps (for KELS: the fit hypothesis).
+
+    A weight survives when its output channel is kept and the channel it reads is kept by its
+    producer. Applying these masks to the dense network gives the network surgery must equal.
+    """
+    plan.validate(graph.model)
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in graph.layers.items()}
+    for g in graph.groups:
+        drop = set(plan.dropped(g))
+        if not drop:
+            continue
+        for p in g.producers:
+            masks[p.name][[loc for loc, r in zip(p.local, p.root) if r in drop]] = False
+        for c in g.consumers:
+            masks[c.name][:, [loc for loc, r in zip(c.local, c.root) if r in drop]] = False
+    return masks
+
+
+def wels_masks(model: nn.Module, split_rate: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """WELS fit hypothesis: exactly round(sr*|W|) randomly chosen weights of every conv/linear layer."""
+    sr = check_split_rate(split_rate)
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, m in prunable_layers(model).items():
+        n = m.weight.numel()
+        flat = torch.zeros(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=gen)[: round(sr * n)]] = True
+        masks[name] = flat.view_as(m.weight)
+    return masks
+
+
+def plan_from_masks(graph: ChannelGraph, masks: Mapping[str, torch.Tensor], origin: str = "masks") -> KeepPlan:
+    """Recover the KeepPlan behind kernel-level structured masks (e.g. an official KE checkpoint's).
+
+    Refuses masks that are not exactly what a channel plan would produce (a WELS mask has no slim
+    network: its fit hypothesis is scattered weights, not whole channels).
+    """
+    unknown = sorted(set(masks) - set(graph.layers))
+    if unknown:
+        raise SlimkitError(f"split mask given for {unknown[0]!r}, which is not a Conv2d/Linear layer of this network")
+    keep = {}
+    for name, mask in masks.items():
+        w = graph.layers[name].weight
+        if tuple(mask.shape) != tuple(w.shape):
+            raise SlimkitError(f"split mask of layer {name} has shape {list(mask.shape)}, its weight {list(w.shape)}")
+        rows = mask.reshape(mask.shape[0], -1).ne(0).any(dim=1)
+        if not rows.all():
+            keep[name] = tuple(torch.nonzero(rows).flatten().tolist())
+    plan = KeepPlan(keep, origin=origin)
+    expected = plan_masks(graph, plan)
+    for name, exp in expected.items():
+        got = masks[name].ne(0) if name in masks else torch.ones_like(exp)
+        if not torch.equal(got, exp):
+            raise SlimkitError(
+                f"the split mask of layer {name} is not kernel-level structured (KELS): it keeps "
+                f"{int(got.sum())} of {got.numel()} weights where whole filters/kernels would keep {int(exp.sum())}. "
+                "A WELS (random weight) split has no slim network; only KELS splits can be extracted"
+            )
+    return plan
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Zero, in place, every conv/linear weight outside ``masks`` (the reset hypothesis)."""
+    layers = prunable_layers(model)
+    for name, mask in masks.items():
+        layers[name].weight.mul_(mask.to(layers[name].weight.dtype))
+    return model
