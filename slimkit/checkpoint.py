@@ -23,6 +23,7 @@ import datetime
 import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -123,15 +124,17 @@ def _read_bytes(path: Path) -> bytes:
 
 def _torch_load(path: Path, data: bytes) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols: our error says it better
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            first = str(exc).split("\n")
-            why = next((ln.strip() for ln in first if "Unsupported" in ln or "GLOBAL" in ln), "")
-            why = why.split(" was not an allowed global")[0].split(". Please")[0]
+        lines = str(exc).split("\n")
+        why = next((ln.strip() for ln in lines if "GLOBAL" in ln.upper() and "unsupported" in ln.lower()), None)
+        if why is not None:  # a real pickle naming a class or function: refuse, never import it
+            why = why.split(" was not an allowed global")[0].rstrip(".")
             raise SlimkitError(
                 f"{path} contains Python objects other than tensors and plain containers; slimkit loads "
-                f"weights only and never executes code from a file ({why or 'weights-only load refused'}). "
+                f"weights only and never executes code from a file ({why}). "
                 "Re-save just the state_dict: torch.save(model.state_dict(), path)"
             ) from None
         raise SlimkitError(f"{path} is not a PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
@@ -210,7 +213,12 @@ def read(path: str | Path, arch: str | None = None, num_classes: int | None = No
     ``arch``/``num_classes`` are needed only for plain state_dicts (classes are inferred from the
     classifier when omitted); for slimkit and KE checkpoints the file says them.
     """
-    path = Path(path)
+    # parameters built under a caller's inference_mode could never be traced or trained
+    with torch.inference_mode(False):
+        return _read(Path(path), arch, num_classes)
+
+
+def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
     data = _read_bytes(path)
     sha, nbytes = sha256_of(data), len(data)
     obj = _torch_load(path, data)

@@ -75,10 +75,11 @@ class ChannelGraph:
                 )
         was_training = model.training
         model.eval()  # tracing runs a forward: never let it move BN running statistics
-        try:
-            self.dg = tp.DependencyGraph().build_dependency(
-                model, example_inputs=torch.zeros(1, *self.input_shape), verbose=False
-            )
+        try:  # torch-pruning traces through autograd, so it must run even under a caller's no_grad
+            with torch.inference_mode(False), torch.enable_grad():
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=torch.zeros(1, *self.input_shape), verbose=False
+                )
         except Exception as exc:  # tracing failures come from the user's model or input shape
             raise SlimkitError(
                 f"cannot trace the network at input shape {list(self.input_shape)}: {one_line(exc)}"
