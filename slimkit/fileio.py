@@ -38,6 +38,7 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], force:
         writer(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual mode
         if force:
             os.replace(tmp, path)
         else:
@@ -52,6 +53,12 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], force:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def sha256_of(data: bytes) -> str:

@@ -128,3 +128,10 @@ def test_official_ke_checkpoint_is_read_with_its_masks(tmp_path):
     assert back.kind == "ke" and back.model.slimkit_spec.arch == "resnet18"
     assert back.model.fc.out_features == 5
     assert set(back.masks) == set(masks)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    path = save(create_model("mlp"), tmp_path / "m.pt")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
