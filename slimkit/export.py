@@ -1,0 +1,190 @@
+"""`slimkit export`: ONNX export, verified against PyTorch in ONNX Runtime before it lands.
+
+onnx and onnxruntime are imported inside the functions that use them: `import slimkit` stays light.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from slimkit.checkpoint import read
+from slimkit.errors import SlimkitError, one_line
+from slimkit.fileio import atomic_write, check_output
+from slimkit.models import spec_of
+from slimkit.surgery import plans_of
+
+__all__ = ["ExportReport", "export_onnx", "parse_input_shape", "DEFAULT_OPSET"]
+
+DEFAULT_OPSET = 17
+FP32_RTOL = 1e-4  # ONNX vs torch, relative to max |logit|: above it the export is refused
+
+
+@dataclasses.dataclass
+class ExportReport:
+    source: str
+    output: str
+    arch: str
+    input_shape: list[int]  # (C, H, W); the batch axis is dynamic
+    opset: int
+    precision: str  # "fp32" | "fp16" (weights and compute; IO precision in io_dtype)
+    io_dtype: str
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float | None  # enforced bound (fp32); None for fp16, whose error is reported only
+    verify_batch: int
+    bytes: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def summary(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        return "\n".join([
+            f"{self.arch} -> {self.output} ({self.bytes / 2**20:.2f} MB, opset {self.opset}, {self.precision}, "
+            f"{self.io_dtype} input/output 'input' (batch,{shape}) -> 'logits', dynamic batch)",
+            f"verified in ONNX Runtime (CPU): max |onnx - torch fp32| = {self.max_abs_diff:.2e} (relative "
+            f"{self.max_rel_diff:.1e}{f' <= {self.tolerance:g}' if self.tolerance else ', the fp16 error bound'}) "
+            f"at batch {self.verify_batch}",
+            f"wrote {self.output} in {self.seconds:.1f} s",
+        ])
+
+
+def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
+    """'1,3,224,224' or '3,224,224' -> (3, 224, 224): the batch axis is always dynamic."""
+    try:
+        dims = [int(t) for t in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        raise SlimkitError(f"input shape must be comma-separated integers like 1,3,224,224, got {text!r}") from None
+    if len(dims) not in (3, 4) or any(d < 1 for d in dims):
+        raise SlimkitError(f"input shape must be N,C,H,W or C,H,W with positive sizes, got {text!r}")
+    return tuple(dims[-3:])
+
+
+class _Fp16Core(nn.Module):
+    """fp16 weights and compute behind fp32 input/output, so callers keep feeding float32."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def _ort_session(data: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: ORT's warnings would break the one-line contract
+    return ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice is not the user's problem
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), buf, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=["input"], output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return buf.getvalue()
+
+
+def export_onnx(
+    ckpt: str | Path,
+    out: str | Path,
+    input_shape: str | Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    force: bool = False,
+    seed: int = 0,
+    verify_batch: int = 2,
+) -> ExportReport:
+    """Export the network in ``ckpt`` to ONNX, verify it in ONNX Runtime, then write it atomically.
+
+    fp32 exports must match PyTorch to FP32_RTOL (relative to max |logit|) or nothing is written.
+    fp16 exports (weights and compute in half, IO in float32) are compared with the fp32 PyTorch
+    network and report their own error; they are refused only if the error is not finite.
+    ``fp16_io`` (implies fp16) makes the input and output float16 too.
+    """
+    fp16 = fp16 or fp16_io
+    t0 = time.perf_counter()
+    import onnx
+
+    if not 7 <= int(opset) <= 23:
+        raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
+    out = check_output(out, force)
+    src = read(ckpt, arch=arch, num_classes=num_classes)
+    model, spec = src.model.eval(), spec_of(src.model)
+    shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(verify_batch, *shape, generator=gen)
+    try:
+        with torch.inference_mode():
+            ref = model(x)
+    except Exception as exc:
+        raise SlimkitError(f"input shape {list(shape)} does not fit {spec.arch}: {one_line(exc, 160)}") from None
+
+    if fp16_io:
+        core, x_in = copy.deepcopy(model).half().eval(), x.half()
+    elif fp16:
+        core, x_in = _Fp16Core(copy.deepcopy(model)).eval(), x
+    else:
+        core, x_in = model, x
+    try:
+        data = _to_onnx_bytes(core, x_in[:1], int(opset))  # traced at batch 1, verified at another batch
+    except Exception as exc:
+        raise SlimkitError(f"ONNX export of {spec.arch} failed at opset {opset}: {one_line(exc, 200)}") from None
+
+    proto = onnx.load_from_string(data)
+    meta = {
+        "slimkit.arch": spec.arch,
+        "slimkit.model_args": json.dumps(spec.args),
+        "slimkit.input_shape": json.dumps(list(shape)),
+        "slimkit.split": json.dumps(src.meta.get("split")),
+        "slimkit.plans": json.dumps([{"origin": p.origin, "widths": p.widths()} for p in plans_of(model)]),
+        "slimkit.source_sha256": src.sha256,
+        "slimkit.precision": "fp16" if fp16 else "fp32",
+    }
+    from slimkit import __version__
+
+    meta["slimkit.version"] = __version__
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "slimkit"
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+
+    got = torch.from_numpy(_ort_session(data).run(["logits"], {"input": x_in.numpy()})[0]).float()
+    if got.shape != ref.shape:
+        raise SlimkitError(f"ONNX output shape {list(got.shape)} differs from PyTorch {list(ref.shape)}; nothing written")
+    max_abs = float((got - ref).abs().max())
+    max_rel = max_abs / max(float(ref.abs().max()), 1e-12)
+    tol = None if fp16 else FP32_RTOL
+    if not max_rel <= (tol or float("inf")):  # NaN fails too
+        raise SlimkitError(
+            f"ONNX Runtime disagrees with PyTorch: max |onnx - torch| = {max_abs:.3e} (relative {max_rel:.1e} > {tol}); nothing written"
+        )
+    atomic_write(out, lambda tmp: tmp.write_bytes(data), force=force)
+    return ExportReport(
+        source=str(ckpt), output=str(out), arch=spec.arch, input_shape=list(shape), opset=int(opset),
+        precision="fp16" if fp16 else "fp32", io_dtype="float16" if fp16_io else "float32",
+        max_abs_diff=max_abs, max_rel_diff=max_rel, tolerance=tol, verify_batch=verify_batch, bytes=len(data),
+        seconds=time.perf_counter() - t0,
+    )
