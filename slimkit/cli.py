@@ -60,6 +60,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from slimkit.bench import bench, format_table, make_runner, parse_batches, plot
+    from slimkit.export import parse_input_shape
+    from slimkit.fileio import atomic_write, check_output
+
+    batches = parse_batches(args.batch)
+    shape = parse_input_shape(args.input_shape) if args.input_shape else None
+    for out in (args.json, args.plot):  # refuse before spending minutes timing
+        if out:
+            check_output(out, args.force)
+    runners = [make_runner(m, args.provider, args.threads, shape) for m in args.models]
+    results = bench(runners, batches, warmup=args.warmup, runs=args.runs, threads=args.threads)
+    print(format_table(results))
+    if args.json:
+        payload = json.dumps([dataclasses.asdict(r) for r in results], indent=2) + "\n"
+        atomic_write(args.json, lambda tmp: tmp.write_text(payload), force=args.force)
+    if args.plot:
+        plot(results, args.plot, title=f"p50 latency, {results[0].provider}", force=args.force)
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from slimkit.models import list_models
 
@@ -109,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="overwrite an existing output")
     x.add_argument("--json", action="store_true", help="print the report as JSON")
     x.set_defaults(func=_cmd_export)
+
+    b = sub.add_parser(
+        "bench", help="latency/throughput of ONNX files (ONNX Runtime) and checkpoints (torch eager)",
+        description="Time the given models at each batch size: warm-up, then timed runs interleaved across "
+        "models (A B B A ...). Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
+    )
+    b.add_argument("models", nargs="+", help=".onnx files and/or slimkit checkpoints")
+    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    b.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (checkpoints, CPU)")
+    b.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    b.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs per model and batch")
+    b.add_argument("--runs", type=_positive_int, default=50, help="timed runs per model and batch")
+    b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
+    b.add_argument("--json", help="also write the results as JSON here")
+    b.add_argument("--plot", help="also write a PNG plot of latency vs batch here")
+    b.add_argument("--force", action="store_true", help="overwrite existing --json/--plot outputs")
+    b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")
     m.set_defaults(func=_cmd_models)

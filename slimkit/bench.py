@@ -1,0 +1,302 @@
+"""`slimkit bench`: latency and throughput of ONNX files (ONNX Runtime) and checkpoints (torch eager).
+
+Models compared in one run are timed interleaved (A B A B ...) so drift of the machine (turbo,
+thermal, other load) hits them alike. onnxruntime and matplotlib are imported where used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from slimkit.errors import SlimkitError, one_line
+from slimkit.fileio import atomic_write
+
+__all__ = ["Runner", "BenchResult", "PROVIDERS", "parse_batches", "make_runner", "bench", "format_table", "plot"]
+
+# user-facing provider name -> ONNX Runtime execution providers, in preference order
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "torch": [],
+}
+
+
+def warn(msg: str) -> None:
+    sys.stderr.write(f"slimkit: warning: {msg}\n")
+
+
+def parse_batches(text: str | Sequence[int]) -> list[int]:
+    try:
+        batches = [int(b) for b in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        raise SlimkitError(f"batch sizes must be comma-separated positive integers like 1,8,32, got {text!r}") from None
+    if not batches or any(b < 1 for b in batches):
+        raise SlimkitError(f"batch sizes must be positive integers, got {text!r}")
+    return batches
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@dataclasses.dataclass
+class Runner:
+    """One model ready to run: ``run(batch)`` executes one timed forward on a prepared input."""
+
+    name: str
+    engine: str  # "onnxruntime" | "torch"
+    provider: str  # the provider/device that actually runs it
+    device: str
+    precision: str
+    input_shape: tuple[int, ...]
+    prepare: Callable[[int], None]  # allocate the input for a batch size (outside the timing)
+    run: Callable[[], None]
+    peak_memory: Callable[[], int | None] = lambda: None
+
+
+def _onnx_runner(path: Path, provider: str, threads: int, input_shape: tuple[int, ...] | None) -> Runner:
+    import onnx
+    import onnxruntime as ort
+
+    if provider == "torch":
+        raise SlimkitError(f"{path} is an ONNX file; --provider torch runs checkpoints (give a .pt file) "
+                           "or choose cpu, cuda or tensorrt")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
+                           f"{', '.join(available)}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise SlimkitError(f"{path} is not a loadable ONNX model: {one_line(exc, 160)}") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    inp = proto.graph.input[0]
+    elem = inp.type.tensor_type.elem_type
+    dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
+    if input_shape is None:
+        if "slimkit.input_shape" in props:
+            input_shape = tuple(json.loads(props["slimkit.input_shape"]))
+        else:
+            dims = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
+            if not dims or any(d <= 0 for d in dims):
+                raise SlimkitError(f"{path} has no fixed input shape; pass --input-shape C,H,W")
+            input_shape = tuple(dims)
+    ort.set_default_logger_severity(4)  # ORT's own provider-load errors are multi-line noise; we warn below
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
+    except Exception as exc:
+        raise SlimkitError(f"ONNX Runtime cannot load {path} with {wanted[0]}: {one_line(exc, 160)}") from None
+    actual = sess.get_providers()[0]
+    if actual != wanted[0]:  # ORT falls back quietly when a GPU provider cannot start; we do not
+        warn(f"{path.name}: {wanted[0]} could not start here; running on {actual} instead (see the provider column)")
+    in_name, out_name = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    on_gpu = actual in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    state: dict[str, Any] = {}
+
+    def prepare(batch: int) -> None:
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape)).astype(dtype)
+        if on_gpu:  # IOBinding: input and output stay on the GPU, copies stay out of the timing
+            io = sess.io_binding()
+            state["x"] = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+            io.bind_ortvalue_input(in_name, state["x"])
+            io.bind_output(out_name, "cuda", 0)
+            state["io"] = io
+        else:
+            state["feed"] = {in_name: x}
+
+    def run() -> None:
+        if on_gpu:
+            sess.run_with_iobinding(state["io"])
+            state["io"].synchronize_outputs()
+        else:
+            sess.run([out_name], state["feed"])
+
+    device = _gpu_name() if on_gpu else cpu_name()
+    return Runner(path.name, "onnxruntime", actual, device, props.get("slimkit.precision", "fp16" if dtype == np.float16 else "fp32"),
+                  tuple(input_shape), prepare, run)
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+
+
+def _torch_runner(path: Path, provider: str, threads: int, input_shape: tuple[int, ...] | None,
+                  fp16: bool = False, channels_last: bool = False) -> Runner:
+    from slimkit.checkpoint import load
+    from slimkit.models import spec_of
+
+    if provider == "tensorrt":
+        raise SlimkitError(f"{path} is a checkpoint; TensorRT runs ONNX files (export it with `slimkit export`)")
+    device = "cuda" if provider == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlimkitError("provider cuda needs a CUDA GPU, and torch sees none here; use --provider cpu or torch")
+    model = load(path)
+    shape = tuple(input_shape or spec_of(model).input_shape)
+    torch.set_num_threads(threads)
+    dtype = torch.float16 if fp16 else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    state: dict[str, Any] = {}
+
+    def prepare(batch: int) -> None:
+        gen = torch.Generator().manual_seed(0)
+        state["x"] = torch.randn(batch, *shape, generator=gen).to(device=device, dtype=dtype, memory_format=fmt)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    @torch.inference_mode()
+    def run() -> None:
+        model(state["x"])
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def peak() -> int | None:
+        return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+    return Runner(path.name, "torch", f"torch-{device}", _gpu_name() if device == "cuda" else cpu_name(),
+                  "fp16" if fp16 else "fp32", shape, prepare, run, peak)
+
+
+def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = None,
+                input_shape: tuple[int, ...] | None = None) -> Runner:
+    """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch."""
+    path = Path(path)
+    if provider not in PROVIDERS:
+        raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
+    if not path.is_file():
+        raise SlimkitError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
+    threads = threads or os.cpu_count() or 1
+    with open(path, "rb") as f:
+        head = f.read(2)
+    is_zip = head == b"PK"  # torch.save files are zip archives; ONNX files are protobuf
+    if path.suffix == ".onnx" or not is_zip:
+        if path.suffix != ".onnx" and not is_zip:
+            raise SlimkitError(f"{path} is neither a .onnx file nor a PyTorch checkpoint")
+        runner = _onnx_runner(path, provider, threads, input_shape)
+    else:
+        runner = _torch_runner(path, "cpu" if provider in ("torch", "cpu") else provider, threads, input_shape)
+    try:  # one untimed trial run: a shape that does not fit fails here, clearly, not mid-benchmark
+        runner.prepare(1)
+        runner.run()
+    except Exception as exc:
+        raise SlimkitError(f"{runner.engine} cannot run {path.name} at input shape "
+                           f"{list(runner.input_shape)}: {one_line(exc, 160)}") from None
+    return runner
+
+
+@dataclasses.dataclass
+class BenchResult:
+    model: str
+    engine: str
+    provider: str
+    device: str
+    precision: str
+    threads: int
+    batch: int
+    input_shape: list[int]
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    throughput: float  # images per second at the median latency
+    peak_memory_bytes: int | None
+
+
+def _pct(sorted_ms: list[float], q: float) -> float:
+    k = (len(sorted_ms) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (k - lo)
+
+
+def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, runs: int = 50,
+          threads: int | None = None, progress: bool = False) -> list[BenchResult]:
+    """Time every runner at every batch size, interleaved round by round."""
+    threads = threads or os.cpu_count() or 1
+    results = []
+    for batch in batches:
+        times: dict[int, list[float]] = {i: [] for i in range(len(runners))}
+        for r in runners:
+            r.prepare(batch)
+            for _ in range(warmup):
+                r.run()
+        for rnd in range(runs):
+            order = range(len(runners)) if rnd % 2 == 0 else reversed(range(len(runners)))  # A B, B A, ...
+            for i in order:
+                t = time.perf_counter()
+                runners[i].run()
+                times[i].append((time.perf_counter() - t) * 1e3)
+        for i, r in enumerate(runners):
+            ms = sorted(times[i])
+            p50 = _pct(ms, 0.5)
+            results.append(BenchResult(
+                r.name, r.engine, r.provider, r.device, r.precision, threads, batch, list(r.input_shape), runs,
+                p50, _pct(ms, 0.9), _pct(ms, 0.99), statistics.fmean(ms), statistics.pstdev(ms),
+                batch / (p50 / 1e3), r.peak_memory(),
+            ))
+            if progress:
+                sys.stderr.write(f"  {r.name} batch {batch}: p50 {p50:.2f} ms\n")
+    return results
+
+
+def format_table(results: Sequence[BenchResult]) -> str:
+    head = "| model | provider | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | images/s | peak mem |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        mem = f"{r.peak_memory_bytes / 2**20:.0f} MB" if r.peak_memory_bytes else "n/a"
+        lines.append(f"| {r.model} | {r.provider} | {r.batch} | {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.p99_ms:.2f} | "
+                     f"{r.mean_ms:.2f} ± {r.std_ms:.2f} | {r.throughput:.1f} | {mem} |")
+    first = results[0] if results else None
+    if first:
+        lines.append("")
+        lines.append(f"device: {first.device}; engine {first.engine}; threads {first.threads}; precision {first.precision}; "
+                     f"{first.runs} timed runs per point, interleaved")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[BenchResult], path: str | Path, title: str = "latency vs batch", force: bool = False) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SlimkitError("--plot needs matplotlib: pip install 'slimkit[plot]'") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r.model for r in results):
+        pts = [(r.batch, r.p50_ms) for r in results if r.model == name]
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force=force)
+    plt.close(fig)

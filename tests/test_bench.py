@@ -1,0 +1,96 @@
+"""`slimkit bench`: statistics, interleaving, engines, and refusals (never timings as pass/fail)."""
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from slimkit import create_model, save
+from slimkit.bench import Runner, bench, make_runner
+from slimkit.export import export_onnx
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    ck = save(create_model("cifar_resnet", depth=8, width=8), d / "a.pt")
+    export_onnx(ck, d / "a.onnx")
+    (d / "junk.onnx").write_bytes(b"not a protobuf at all")
+    (d / "junk.bin").write_bytes(b"\x01\x02")
+    return d
+
+
+def test_interleaves_models_and_reports_consistent_statistics():
+    calls = []
+
+    def fake(name, delay):
+        def run():
+            calls.append(name)
+        return Runner(name, "fake", "none", "cpu", "fp32", (3, 8, 8), lambda b: None, run)
+
+    res = bench([fake("A", 0), fake("B", 0)], batches=[4], warmup=2, runs=4)
+    timed = calls[4:]  # after 2 warm-ups each
+    assert timed == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    for r in res:
+        assert r.p50_ms <= r.p90_ms <= r.p99_ms
+        assert r.throughput == pytest.approx(4 / (r.p50_ms / 1e3))
+        assert r.runs == 4 and r.batch == 4
+
+
+def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
+    r = cli("bench", files / "a.onnx", files / "a.pt", "--batch", "1,2", "--runs", "3", "--warmup", "1",
+            "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert r.code == 0, r.err
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert {(x["model"], x["engine"], x["batch"]) for x in rows} == {
+        ("a.onnx", "onnxruntime", 1), ("a.pt", "torch", 1), ("a.onnx", "onnxruntime", 2), ("a.pt", "torch", 2)}
+    assert all(x["p50_ms"] > 0 and x["threads"] >= 1 and x["input_shape"] == [3, 32, 32] for x in rows)
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| a.onnx | CPUExecutionProvider | 1 |" in r.out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["a.onnx", "--provider", "metal"], "unknown provider 'metal'"),
+        (["a.onnx", "--provider", "torch"], "--provider torch runs checkpoints"),
+        (["a.pt", "--provider", "tensorrt"], "TensorRT runs ONNX files"),
+        (["junk.onnx"], "not a loadable ONNX model"),
+        (["junk.bin"], "neither a .onnx file nor a PyTorch checkpoint"),
+        (["missing.onnx"], "no such file"),
+        (["a.onnx", "--batch", "0"], "positive"),
+        (["a.onnx", "--batch", "x"], "comma-separated"),
+        (["a.onnx", "--input-shape", "1,1,32,32"], "onnxruntime cannot run a.onnx at input shape [1, 32, 32]"),
+        (["a.pt", "--input-shape", "1,1,32,32"], "torch cannot run a.pt"),
+    ],
+)
+def test_bench_refusals(cli, files, argv, expected):
+    argv = [str(files / argv[0]), *argv[1:]]
+    r = cli("bench", *argv, "--runs", "1", "--warmup", "1")
+    assert r.code == 2, r.out
+    assert len(r.err.strip().splitlines()) == 1 and expected in r.err, r.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_cuda_checkpoint_without_gpu_is_refused(cli, files):
+    r = cli("bench", files / "a.pt", "--provider", "cuda")
+    assert r.code == 2 and "needs a CUDA GPU" in r.err
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs an onnxruntime that lists CUDA on a machine without a GPU",
+)
+def test_gpu_provider_that_cannot_start_falls_back_visibly(cli, files):
+    r = cli("bench", files / "a.onnx", "--provider", "cuda", "--runs", "1", "--warmup", "1")
+    assert r.code == 0
+    assert "warning" in r.err and "CPUExecutionProvider" in r.err
+    assert "| a.onnx | CPUExecutionProvider |" in r.out  # the table says what really ran
+
+
+def test_unavailable_provider_is_refused(cli, files, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    r = cli("bench", files / "a.onnx", "--provider", "tensorrt")
+    assert r.code == 2 and "is not available" in r.err
