@@ -5,6 +5,7 @@ thermal, other load) hits them alike. onnxruntime and matplotlib are imported wh
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -21,7 +22,8 @@ import torch
 from slimkit.errors import SlimkitError, one_line
 from slimkit.fileio import atomic_write
 
-__all__ = ["Runner", "BenchResult", "PROVIDERS", "parse_batches", "make_runner", "bench", "format_table", "plot"]
+__all__ = ["Runner", "BenchResult", "PROVIDERS", "parse_batches", "make_runner", "onnx_runner", "torch_runner", "bench",
+           "format_table", "plot", "check_trial"]
 
 # user-facing provider name -> ONNX Runtime execution providers, in preference order
 PROVIDERS = {
@@ -71,7 +73,8 @@ class Runner:
     peak_memory: Callable[[], int | None] = lambda: None
 
 
-def _onnx_runner(path: Path, provider: str, threads: int, input_shape: tuple[int, ...] | None) -> Runner:
+def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tuple[int, ...] | None) -> Runner:
+    """Runner for an ONNX file in ONNX Runtime with the named provider (cpu, cuda, tensorrt)."""
     import onnx
     import onnxruntime as ort
 
@@ -102,7 +105,7 @@ def _onnx_runner(path: Path, provider: str, threads: int, input_shape: tuple[int
     ort.set_default_logger_severity(4)  # ORT's own provider-load errors are multi-line noise; we warn below
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=wanted)
@@ -142,21 +145,21 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
 
 
-def _torch_runner(path: Path, provider: str, threads: int, input_shape: tuple[int, ...] | None,
-                  fp16: bool = False, channels_last: bool = False) -> Runner:
-    from slimkit.checkpoint import load
+def torch_runner(model: torch.nn.Module, name: str, provider: str = "cpu", threads: int | None = None,
+                 input_shape: tuple[int, ...] | None = None, fp16: bool = False,
+                 channels_last: bool = False) -> Runner:
+    """Runner for an in-memory network in torch eager mode (``provider`` cpu/torch or cuda)."""
     from slimkit.models import spec_of
 
     if provider == "tensorrt":
-        raise SlimkitError(f"{path} is a checkpoint; TensorRT runs ONNX files (export it with `slimkit export`)")
+        raise SlimkitError(f"{name} is a checkpoint; TensorRT runs ONNX files (export it with `slimkit export`)")
     device = "cuda" if provider == "cuda" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SlimkitError("provider cuda needs a CUDA GPU, and torch sees none here; use --provider cpu or torch")
-    model = load(path)
     shape = tuple(input_shape or spec_of(model).input_shape)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     dtype = torch.float16 if fp16 else torch.float32
-    model = model.to(device=device, dtype=dtype)
+    model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -177,7 +180,7 @@ def _torch_runner(path: Path, provider: str, threads: int, input_shape: tuple[in
     def peak() -> int | None:
         return torch.cuda.max_memory_allocated() if device == "cuda" else None
 
-    return Runner(path.name, "torch", f"torch-{device}", _gpu_name() if device == "cuda" else cpu_name(),
+    return Runner(name, "torch", f"torch-{device}", _gpu_name() if device == "cuda" else cpu_name(),
                   "fp16" if fp16 else "fp32", shape, prepare, run, peak)
 
 
@@ -196,14 +199,22 @@ def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = N
     if path.suffix == ".onnx" or not is_zip:
         if path.suffix != ".onnx" and not is_zip:
             raise SlimkitError(f"{path} is neither a .onnx file nor a PyTorch checkpoint")
-        runner = _onnx_runner(path, provider, threads, input_shape)
+        runner = onnx_runner(path, provider, threads, input_shape)
     else:
-        runner = _torch_runner(path, "cpu" if provider in ("torch", "cpu") else provider, threads, input_shape)
-    try:  # one untimed trial run: a shape that does not fit fails here, clearly, not mid-benchmark
+        from slimkit.checkpoint import load
+
+        runner = torch_runner(load(path), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
+                              input_shape)
+    return check_trial(runner)
+
+
+def check_trial(runner: Runner) -> Runner:
+    """One untimed run: a shape that does not fit fails here, clearly, not mid-benchmark."""
+    try:
         runner.prepare(1)
         runner.run()
     except Exception as exc:
-        raise SlimkitError(f"{runner.engine} cannot run {path.name} at input shape "
+        raise SlimkitError(f"{runner.engine} cannot run {runner.name} at input shape "
                            f"{list(runner.input_shape)}: {one_line(exc, 160)}") from None
     return runner
 

@@ -83,6 +83,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from slimkit.bench import parse_batches
+    from slimkit.compare import compare, default_compare_dir
+
+    rep = compare(
+        args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
+        provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
+        force=args.force, arch=args.arch, num_classes=args.num_classes,
+    )
+    print(rep.markdown())
+    out = args.out or default_compare_dir(__import__("pathlib").Path(args.ckpt))
+    print(f"\nwrote {out}/compare.md, compare.json, compare.png in {rep.seconds:.1f} s")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from slimkit.models import list_models
 
@@ -149,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", help="also write a PNG plot of latency vs batch here")
     b.add_argument("--force", action="store_true", help="overwrite existing --json/--plot outputs")
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser(
+        "compare", help="dense vs fit hypothesis: params, MACs, ONNX size, latency, accuracy",
+        description="Cut the KELS fit hypothesis, export dense and slim to ONNX (verified), time both "
+        "interleaved on one provider, and report speed-up against the MAC ratio; with --data, accuracy too. "
+        "Writes compare.md, compare.json and compare.png.",
+    )
+    c.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    c.add_argument("--split-rate", type=_split_rate, help="fraction of channels kept, in (0, 1)")
+    c.add_argument("--data", help="'digits' or a dataset directory (ImageFolder test/ or val/, or KE lists/tst.csv)")
+    c.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    c.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (eager, CPU)")
+    c.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    c.add_argument("--warmup", type=_positive_int, default=10)
+    c.add_argument("--runs", type=_positive_int, default=50)
+    c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
+    c.add_argument("--arch", help="architecture of a plain state_dict")
+    c.add_argument("--num-classes", type=_positive_int)
+    c.add_argument("--force", action="store_true", help="overwrite existing report files")
+    c.set_defaults(func=_cmd_compare)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")
     m.set_defaults(func=_cmd_models)

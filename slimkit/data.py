@@ -44,3 +44,82 @@ def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fr
     if in_chans != 1:
         x = x.expand(-1, in_chans, -1, -1).contiguous()
     return TensorDataset(x, torch.from_numpy(labels[pick]))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    """(path, label) pairs read with PIL and transformed on access."""
+
+    def __init__(self, items: list[tuple[str, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+
+def _eval_transform(input_shape: tuple[int, ...]):
+    from torchvision import transforms as T
+
+    c, h, w = input_shape
+    if c != 3:
+        raise SlimkitError(f"image folders give RGB images; this network reads {c} channels")
+    return T.Compose([T.Resize(round(h * 256 / 224)), T.CenterCrop((h, w)), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test") -> torch.utils.data.Dataset:
+    """Evaluation images from a directory, resized/cropped to ``input_shape``, ImageNet-normalised.
+
+    Layouts: the Knowledge Evolution one (``lists/{trn,val,tst}.csv`` with ``file_name,label``),
+    or an ImageFolder tree (``test/`` or ``val/`` or ``train/`` holding one folder per class).
+    """
+    import csv
+    from pathlib import Path
+
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise SlimkitError(f"dataset directory {root} does not exist" if not root_p.exists() else f"{root} is not a directory")
+    tf = _eval_transform(tuple(input_shape))
+    csv_name = {"train": "trn", "val": "val", "test": "tst"}[split]
+    lst = root_p / "lists" / f"{csv_name}.csv"
+    if lst.is_file():
+        items = []
+        with open(lst, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    path, label = root_p / row["file_name"], int(row["label"])
+                except (KeyError, ValueError, TypeError):
+                    raise SlimkitError(f"{lst}: each row needs file_name and an integer label") from None
+                if not path.is_file():
+                    raise SlimkitError(f"{lst} names {row['file_name']}, which does not exist under {root}")
+                items.append((str(path), label))
+        return _ListDataset(items, tf)
+    for sub in ([split] + (["val"] if split == "test" else [])):
+        if (root_p / sub).is_dir():
+            from torchvision.datasets import ImageFolder
+
+            try:
+                return ImageFolder(str(root_p / sub), transform=tf)
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise SlimkitError(f"{root_p / sub}: {exc}") from None
+    raise SlimkitError(f"{root} has neither lists/{csv_name}.csv nor a {split}/ (or val/) folder of class folders")
+
+
+def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = None) -> torch.utils.data.Dataset:
+    """The evaluation split named by a CLI ``--data`` value: 'digits' or a directory."""
+    c, h, w = input_shape
+    if data == "digits":
+        if h != w:
+            raise SlimkitError(f"digits images are square; this network reads {h}x{w}")
+        seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
+        return digits("test", image_size=h, in_chans=c, seed=seed)
+    return image_dir(data, input_shape, "test")

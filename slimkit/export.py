@@ -22,7 +22,7 @@ from slimkit.fileio import atomic_write, check_output
 from slimkit.models import spec_of
 from slimkit.surgery import plans_of
 
-__all__ = ["ExportReport", "export_onnx", "parse_input_shape", "DEFAULT_OPSET"]
+__all__ = ["ExportReport", "VerifiedOnnx", "export_onnx", "to_verified_onnx", "onnx_metadata", "parse_input_shape", "DEFAULT_OPSET"]
 
 DEFAULT_OPSET = 17
 FP32_RTOL = 1e-4  # ONNX vs torch, relative to max |logit|: above it the export is refused
@@ -101,45 +101,44 @@ def _to_onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int) -> bytes
     return buf.getvalue()
 
 
-def export_onnx(
-    ckpt: str | Path,
-    out: str | Path,
-    input_shape: str | Sequence[int] | None = None,
+@dataclasses.dataclass
+class VerifiedOnnx:
+    data: bytes
+    max_abs_diff: float
+    max_rel_diff: float
+    tolerance: float | None
+
+
+def to_verified_onnx(
+    model: nn.Module,
+    input_shape: Sequence[int],
     opset: int = DEFAULT_OPSET,
     fp16: bool = False,
     fp16_io: bool = False,
-    arch: str | None = None,
-    num_classes: int | None = None,
-    force: bool = False,
+    meta: dict[str, str] | None = None,
     seed: int = 0,
     verify_batch: int = 2,
-) -> ExportReport:
-    """Export the network in ``ckpt`` to ONNX, verify it in ONNX Runtime, then write it atomically.
+) -> VerifiedOnnx:
+    """Serialise ``model`` to ONNX in memory and check it in ONNX Runtime against PyTorch fp32.
 
-    fp32 exports must match PyTorch to FP32_RTOL (relative to max |logit|) or nothing is written.
-    fp16 exports (weights and compute in half, IO in float32) are compared with the fp32 PyTorch
-    network and report their own error; they are refused only if the error is not finite.
-    ``fp16_io`` (implies fp16) makes the input and output float16 too.
+    fp32 exports must match to FP32_RTOL (relative to max |logit|). fp16 exports (weights and
+    compute in half; IO float32 unless ``fp16_io``) report their error and are refused only when
+    it is not finite.
     """
-    fp16 = fp16 or fp16_io
-    t0 = time.perf_counter()
     import onnx
 
+    fp16 = fp16 or fp16_io
     if not 7 <= int(opset) <= 23:
         raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
-    out = check_output(out, force)
-    src = read(ckpt, arch=arch, num_classes=num_classes)
-    model, spec = src.model.eval(), spec_of(src.model)
-    shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)
-
+    model = model.eval()
+    arch = getattr(getattr(model, "slimkit_spec", None), "arch", type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(verify_batch, *shape, generator=gen)
+    x = torch.randn(verify_batch, *input_shape, generator=gen)
     try:
         with torch.inference_mode():
             ref = model(x)
     except Exception as exc:
-        raise SlimkitError(f"input shape {list(shape)} does not fit {spec.arch}: {one_line(exc, 160)}") from None
-
+        raise SlimkitError(f"input shape {list(input_shape)} does not fit {arch}: {one_line(exc, 160)}") from None
     if fp16_io:
         core, x_in = copy.deepcopy(model).half().eval(), x.half()
     elif fp16:
@@ -149,22 +148,10 @@ def export_onnx(
     try:
         data = _to_onnx_bytes(core, x_in[:1], int(opset))  # traced at batch 1, verified at another batch
     except Exception as exc:
-        raise SlimkitError(f"ONNX export of {spec.arch} failed at opset {opset}: {one_line(exc, 200)}") from None
+        raise SlimkitError(f"ONNX export of {arch} failed at opset {opset}: {one_line(exc, 200)}") from None
 
     proto = onnx.load_from_string(data)
-    meta = {
-        "slimkit.arch": spec.arch,
-        "slimkit.model_args": json.dumps(spec.args),
-        "slimkit.input_shape": json.dumps(list(shape)),
-        "slimkit.split": json.dumps(src.meta.get("split")),
-        "slimkit.plans": json.dumps([{"origin": p.origin, "widths": p.widths()} for p in plans_of(model)]),
-        "slimkit.source_sha256": src.sha256,
-        "slimkit.precision": "fp16" if fp16 else "fp32",
-    }
-    from slimkit import __version__
-
-    meta["slimkit.version"] = __version__
-    for k, v in meta.items():
+    for k, v in (meta or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = "slimkit"
@@ -181,10 +168,54 @@ def export_onnx(
         raise SlimkitError(
             f"ONNX Runtime disagrees with PyTorch: max |onnx - torch| = {max_abs:.3e} (relative {max_rel:.1e} > {tol}); nothing written"
         )
-    atomic_write(out, lambda tmp: tmp.write_bytes(data), force=force)
+    return VerifiedOnnx(data, max_abs, max_rel, tol)
+
+
+def onnx_metadata(model: nn.Module, input_shape: Sequence[int], split: Any, source_sha256: str, fp16: bool) -> dict[str, str]:
+    """Metadata props recorded in every exported file."""
+    from slimkit import __version__
+
+    spec = spec_of(model)
+    return {
+        "slimkit.arch": spec.arch,
+        "slimkit.model_args": json.dumps(spec.args),
+        "slimkit.input_shape": json.dumps(list(input_shape)),
+        "slimkit.split": json.dumps(split),
+        "slimkit.plans": json.dumps([{"origin": p.origin, "widths": p.widths()} for p in plans_of(model)]),
+        "slimkit.source_sha256": source_sha256,
+        "slimkit.precision": "fp16" if fp16 else "fp32",
+        "slimkit.version": __version__,
+    }
+
+
+def export_onnx(
+    ckpt: str | Path,
+    out: str | Path,
+    input_shape: str | Sequence[int] | None = None,
+    opset: int = DEFAULT_OPSET,
+    fp16: bool = False,
+    fp16_io: bool = False,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    force: bool = False,
+    seed: int = 0,
+    verify_batch: int = 2,
+) -> ExportReport:
+    """Export the network in ``ckpt`` to ONNX, verify it in ONNX Runtime, then write it atomically."""
+    t0 = time.perf_counter()
+    fp16 = fp16 or fp16_io
+    if not 7 <= int(opset) <= 23:
+        raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
+    out = check_output(out, force)
+    src = read(ckpt, arch=arch, num_classes=num_classes)
+    model, spec = src.model, spec_of(src.model)
+    shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)
+    meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)
+    v = to_verified_onnx(model, shape, opset, fp16, fp16_io, meta, seed, verify_batch)
+    atomic_write(out, lambda tmp: tmp.write_bytes(v.data), force=force)
     return ExportReport(
         source=str(ckpt), output=str(out), arch=spec.arch, input_shape=list(shape), opset=int(opset),
         precision="fp16" if fp16 else "fp32", io_dtype="float16" if fp16_io else "float32",
-        max_abs_diff=max_abs, max_rel_diff=max_rel, tolerance=tol, verify_batch=verify_batch, bytes=len(data),
-        seconds=time.perf_counter() - t0,
+        max_abs_diff=v.max_abs_diff, max_rel_diff=v.max_rel_diff, tolerance=v.tolerance, verify_batch=verify_batch,
+        bytes=len(v.data), seconds=time.perf_counter() - t0,
     )

@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 
-from slimkit.checkpoint import read, save, state_dict_bytes
+from slimkit.checkpoint import Loaded, read, save, state_dict_bytes
 from slimkit.cost import MacCounter, count_params
 from slimkit.errors import SlimkitError
 from slimkit.fileio import check_output
 from slimkit.graph import ChannelGraph
 from slimkit.models import spec_of
-from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_from_masks, plan_masks
+from slimkit.plan import KeepPlan, apply_masks, check_split_rate, kels_plan, plan_from_masks, plan_masks
 from slimkit.surgery import cut
 
-__all__ = ["ExtractReport", "extract", "default_output", "SPLIT_MODES"]
+__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "extract", "default_output", "SPLIT_MODES"]
 
 SPLIT_MODES = ("kels", "wels")
 VERIFY_RTOL = 1e-4  # refuse to write when slim and masked dense differ by more (relative to max |logit|)
@@ -88,24 +88,22 @@ def default_output(ckpt: Path) -> Path:
     return ckpt.with_name(name + ".slim.pt")
 
 
-def extract(
-    ckpt: str | Path,
-    split_rate: float | None = None,
-    split_mode: str = "kels",
-    arch: str | None = None,
-    num_classes: int | None = None,
-    out: str | Path | None = None,
-    force: bool = False,
-    seed: int = 0,
-    verify_batch: int = 2,
-) -> ExtractReport:
-    """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
+@dataclasses.dataclass
+class FitHypothesis:
+    """The slim network cut out of a loaded checkpoint, verified against the masked dense one."""
 
-    For an official Knowledge Evolution checkpoint the masks in the file define the split and
-    ``split_rate`` may be omitted (when given, it must agree with them).
-    """
-    t0 = time.perf_counter()
-    ckpt = Path(ckpt)
+    dense: torch.nn.Module
+    slim: torch.nn.Module
+    plan: KeepPlan
+    split_rate: float | None
+    dense_macs: int
+    slim_macs: int
+    max_abs_diff: float
+    max_rel_diff: float
+    verify_batch: int
+
+
+def _check_split_mode(split_mode: str) -> None:
     if split_mode not in SPLIT_MODES:
         raise SlimkitError(f"unknown split mode {split_mode!r}; available: {', '.join(SPLIT_MODES)}")
     if split_mode == "wels":
@@ -113,29 +111,28 @@ def extract(
             "WELS has no slim network: its fit hypothesis is a random scatter of single weights, so no "
             "filter or channel can be removed; use --split-mode kels"
         )
-    sr = None if split_rate is None else check_split_rate(split_rate)
-    out = Path(out) if out is not None else default_output(ckpt)
-    if not ckpt.exists():
-        raise SlimkitError(f"no such file: {ckpt}")
-    if out.resolve() == ckpt.resolve():
-        raise SlimkitError(f"output {out} is the input checkpoint; choose another path with -o")
-    check_output(out, force)
 
-    src = read(ckpt, arch=arch, num_classes=num_classes)
+
+def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_batch: int = 2) -> FitHypothesis:
+    """Cut the KELS fit hypothesis out of ``src`` and verify slim == dense with its reset part zeroed.
+
+    The split comes from the file's masks (official KE checkpoints) or from ``split_rate``.
+    Raises (writes nothing) when the two disagree by more than VERIFY_RTOL.
+    """
+    sr = None if split_rate is None else check_split_rate(split_rate)
     dense, spec = src.model, spec_of(src.model)
-    recorded = (src.meta.get("split") or {}).get("mode")
-    if recorded == "wels":
-        raise SlimkitError(f"{ckpt} was trained with a WELS split, which has no slim network; only KELS splits can be extracted")
+    if (src.meta.get("split") or {}).get("mode") == "wels":
+        raise SlimkitError(f"{src.path} was trained with a WELS split, which has no slim network; only KELS splits can be extracted")
     if src.masks is None and sr is None:
         raise SlimkitError("--split-rate is required (e.g. --split-rate 0.5): this checkpoint carries no split masks")
 
     slim = copy.deepcopy(dense)
     graph = ChannelGraph(slim, spec.input_shape)  # traced once: plan, masks and cut all read it
     if src.masks is not None:
-        plan = plan_from_masks(graph, src.masks, origin=f"masks of {ckpt.name}")
+        plan = plan_from_masks(graph, src.masks, origin=f"masks of {src.path.name}")
         if sr is not None and kels_plan(graph, sr).keep != plan.keep:
             raise SlimkitError(
-                f"--split-rate {sr:g} disagrees with the split masks stored in {ckpt}; omit --split-rate to use the file's masks"
+                f"--split-rate {sr:g} disagrees with the split masks stored in {src.path}; omit --split-rate to use the file's masks"
             )
         fit_masks = src.masks
     else:
@@ -155,6 +152,41 @@ def extract(
             f"verification failed: slim and masked dense networks differ by {max_abs:.3e} "
             f"(relative {max_rel:.1e} > {VERIFY_RTOL:g}); nothing written. Please report this network."
         )
+    return FitHypothesis(dense, slim, plan, sr, dense_macs.per_sample, slim_macs.per_sample, max_abs, max_rel, verify_batch)
+
+
+def extract(
+    ckpt: str | Path,
+    split_rate: float | None = None,
+    split_mode: str = "kels",
+    arch: str | None = None,
+    num_classes: int | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    seed: int = 0,
+    verify_batch: int = 2,
+) -> ExtractReport:
+    """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
+
+    For an official Knowledge Evolution checkpoint the masks in the file define the split and
+    ``split_rate`` may be omitted (when given, it must agree with them).
+    """
+    t0 = time.perf_counter()
+    ckpt = Path(ckpt)
+    _check_split_mode(split_mode)
+    if split_rate is not None:
+        check_split_rate(split_rate)  # a bad rate is reported before anything is read
+    out = Path(out) if out is not None else default_output(ckpt)
+    if not ckpt.exists():
+        raise SlimkitError(f"no such file: {ckpt}")
+    if out.resolve() == ckpt.resolve():
+        raise SlimkitError(f"output {out} is the input checkpoint; choose another path with -o")
+    check_output(out, force)
+
+    src = read(ckpt, arch=arch, num_classes=num_classes)
+    fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
+    dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
+    max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff
     meta = {
         "split": {"mode": "kels", "rate": sr},
         "provenance": {"source": str(ckpt), "source_sha256": src.sha256, "source_kind": src.kind},
@@ -166,8 +198,8 @@ def extract(
     return ExtractReport(
         source=str(ckpt), output=str(out), source_kind=src.kind, arch=spec.arch,
         input_shape=list(spec.input_shape), split_mode="kels", split_rate=sr,
-        dense={"params": count_params(dense), "macs": dense_macs.per_sample, "bytes": state_dict_bytes(dense)},
-        slim={"params": count_params(slim), "macs": slim_macs.per_sample, "bytes": out.stat().st_size},
+        dense={"params": count_params(dense), "macs": fh.dense_macs, "bytes": state_dict_bytes(dense)},
+        slim={"params": count_params(slim), "macs": fh.slim_macs, "bytes": out.stat().st_size},
         max_abs_diff=max_abs, max_rel_diff=max_rel, verify_batch=verify_batch,
         seconds=time.perf_counter() - t0,
     )

@@ -1,0 +1,22 @@
+"""Accuracy of a network on a dataset (eval mode, no gradients)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu") -> float:
+    """Top-1 accuracy in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for x, y in DataLoader(dataset, batch_size=batch_size):
+            pred = model(x.to(device)).argmax(1).cpu()
+            correct += int((pred == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    return correct / max(total, 1)

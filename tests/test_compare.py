@@ -1,0 +1,75 @@
+"""`slimkit compare`: one command, dense vs fit hypothesis, files written, refusals."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimkit import create_model, save
+from slimkit.compare import compare
+from slimkit.data import digits
+from slimkit.evaluate import accuracy
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20.pt"
+
+
+def test_compare_on_the_bundled_digits_model(cli, tmp_path):
+    r = cli("compare", DEMO, "--split-rate", "0.5", "--data", "digits", "--batch", "1,4", "--runs", "3",
+            "--warmup", "1", "--out", tmp_path / "c")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert (tmp_path / "c" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "c" / "compare.md").read_text().startswith("## cifar_resnet")
+    assert rep["slim"]["params"] < 0.3 * rep["dense"]["params"]
+    assert rep["slim"]["onnx_bytes"] < rep["dense"]["onnx_bytes"]
+    assert [row["batch"] for row in rep["latency"]] == [1, 4]
+    for row in rep["latency"]:
+        assert row["speedup"] == pytest.approx(row["dense_p50_ms"] / row["slim_p50_ms"])
+        assert row["mac_ratio"] == pytest.approx(rep["slim"]["macs"] / rep["dense"]["macs"])
+    # accuracy is measured, not copied: recompute the dense one independently
+    from slimkit import load
+
+    test = digits("test", image_size=16)
+    assert rep["dense"]["accuracy"] == pytest.approx(accuracy(load(DEMO), test))
+    assert rep["dense"]["n"] == len(test)
+    assert "| accuracy (digits" in r.out and "speed-up" in r.out
+
+
+def test_compare_with_torch_provider_and_image_folder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        (tmp_path / "data" / "test" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "data" / "test" / cls / f"{i}.png")
+    ck = save(create_model("cifar_resnet", depth=8, width=8, num_classes=2), tmp_path / "m.pt")
+    rep = compare(ck, 0.5, data=str(tmp_path / "data"), batches=[2], provider="torch", warmup=1, runs=2)
+    assert rep.provider == "torch-cpu" and rep.dense["n"] == 6
+    assert 0 <= rep.slim["accuracy"] <= 1
+    assert (tmp_path / "m.compare" / "compare.md").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--provider", "nope"], "unknown provider"),
+        (["--data", "/nonexistent/dir"], "does not exist"),
+        (["--batch", "0"], "positive"),
+    ],
+)
+def test_compare_refusals(cli, tmp_path, extra, expected):
+    r = cli("compare", DEMO, "--split-rate", "0.5", "--out", tmp_path / "c", "--runs", "1", "--warmup", "1", *extra)
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and expected in r.err, r.err
+    assert not (tmp_path / "c").exists()
+
+
+def test_compare_does_not_clobber(cli, tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compare.md").write_text("mine")
+    r = cli("compare", DEMO, "--split-rate", "0.5", "--out", tmp_path / "c", "--runs", "1", "--warmup", "1")
+    assert r.code == 2 and "already exists" in r.err
+    assert (tmp_path / "c" / "compare.md").read_text() == "mine"
