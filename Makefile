@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	@mkdir -p .demo
 	$(BIN)/slimkit extract --split-rate 0.5 $(DEMO) -o .demo/digits_resnet20.slim.pt --force
+	$(BIN)/slimkit export .demo/digits_resnet20.slim.pt -o .demo/digits_resnet20.slim.onnx --force
+	$(BIN)/slimkit compare $(DEMO) --split-rate 0.5 --data digits --batch 1,32 --out .demo/compare --force
 
 test: venv
 	$(BIN)/python -m pytest -q

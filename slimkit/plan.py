@@ -109,12 +109,20 @@ def check_split_rate(split_rate: Any) -> float:
     return sr
 
 
-def kels_count(channels: int, split_rate: float) -> int:
-    """ceil(sr * C), immune to float noise such as 0.7 * 10 = 7.000000000000001."""
-    return max(1, math.ceil(round(split_rate * channels, 9)))
+def kels_count(channels: int, split_rate: float, round_to: int = 1) -> int:
+    """ceil(sr * C), immune to float noise such as 0.28 * 25 = 7.000000000000001.
+
+    ``round_to`` > 1 rounds the count up to a multiple (capped at C): a hardware-aware split whose
+    widths suit blocked conv kernels (see benchmarks/results/latency_cpu.md). It defines a different
+    split from the paper's, so it must be the split the network was trained with.
+    """
+    k = max(1, math.ceil(round(split_rate * channels, 9)))
+    if round_to > 1:
+        k = min(channels, math.ceil(k / round_to) * round_to)
+    return k
 
 
-def kels_plan(graph: ChannelGraph, split_rate: float) -> KeepPlan:
+def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> KeepPlan:
     """KELS fit hypothesis: the first ceil(sr*C) output channels of every layer.
 
     The classifier (channels nobody reads) keeps every class; the first conv keeps every input
@@ -123,13 +131,16 @@ def kels_plan(graph: ChannelGraph, split_rate: float) -> KeepPlan:
     masks are derived from the producers' plans through the traced graph.
     """
     sr = check_split_rate(split_rate)
+    if not isinstance(round_to, int) or round_to < 1:
+        raise SlimkitError(f"round_to must be a positive integer, got {round_to!r}")
     keep = {}
     for g in graph.groups:
         if g.is_output:
             continue
         for p in g.producers:
-            keep[p.name] = tuple(range(kels_count(len(p.local), sr)))
-    return KeepPlan(keep, origin=f"kels split_rate={sr:g}")
+            keep[p.name] = tuple(range(kels_count(len(p.local), sr, round_to)))
+    origin = f"kels split_rate={sr:g}" + (f" round_to={round_to}" if round_to > 1 else "")
+    return KeepPlan(keep, origin=origin)
 
 
 def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:

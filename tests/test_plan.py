@@ -99,3 +99,15 @@ def test_keep_plan_json_roundtrip():
     assert KeepPlan.from_json(plan.to_json()) == plan
     with pytest.raises(SlimkitError, match="malformed"):
         KeepPlan.from_json({"nokeep": 1})
+
+
+def test_kels_round_to_gives_aligned_widths():
+    assert kels_count(128, 0.8, round_to=8) == 104 and kels_count(64, 0.8, round_to=8) == 56
+    assert kels_count(10, 0.8, round_to=16) == 10  # never more than the layer has
+    model = create_model("resnet18", num_classes=10)
+    graph = ChannelGraph(model, (3, 64, 64))
+    plan = kels_plan(graph, 0.8, round_to=8)
+    assert all(len(k) % 8 == 0 for k in plan.keep.values())
+    assert "round_to=8" in plan.origin
+    with pytest.raises(SlimkitError, match="round_to"):
+        kels_plan(graph, 0.8, round_to=0)
