@@ -185,8 +185,12 @@ def torch_runner(model: torch.nn.Module, name: str, provider: str = "cpu", threa
 
 
 def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = None,
-                input_shape: tuple[int, ...] | None = None) -> Runner:
-    """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch."""
+                input_shape: tuple[int, ...] | None = None, fp16: bool = False,
+                channels_last: bool = False) -> Runner:
+    """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch.
+
+    ``fp16`` and ``channels_last`` apply to checkpoints (torch); an ONNX file's precision is its own.
+    """
     path = Path(path)
     if provider not in PROVIDERS:
         raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
@@ -204,7 +208,7 @@ def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = N
         from slimkit.checkpoint import load
 
         runner = torch_runner(load(path), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
-                              input_shape)
+                              input_shape, fp16=fp16, channels_last=channels_last)
     return check_trial(runner)
 
 

@@ -72,7 +72,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for out in (args.json, args.plot):  # refuse before spending minutes timing
         if out:
             check_output(out, args.force)
-    runners = [make_runner(m, args.provider, args.threads, shape) for m in args.models]
+    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last)
+               for m in args.models]
     results = bench(runners, batches, warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(results))
     if args.json:
@@ -106,6 +107,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
+    p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    p.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
+    p.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
+
+
+def _timing_args(p: argparse.ArgumentParser) -> None:
+    """How to time: shared by bench and compare."""
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (eager, CPU)")
+    p.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
+    p.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs per model and batch")
+    p.add_argument("--runs", type=_positive_int, default=50, help="timed runs per model and batch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from slimkit import __version__
 
@@ -119,12 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         "verify it equals the dense network with its reset hypothesis zeroed, write it (CKPT.slim.pt by "
         "default) and print dense vs slim parameters, MACs and file size.",
     )
-    e.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    _source_args(e)
     e.add_argument("--split-rate", type=_split_rate, help="fraction of channels in the fit hypothesis, in (0, 1); "
                    "optional for KE checkpoints whose masks define the split")
     e.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="only kels has a slim network")
-    e.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
-    e.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
     e.add_argument("-o", "--output", help="where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
     e.add_argument("--force", action="store_true", help="overwrite an existing output")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -136,14 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "batch axis. The file is run in ONNX Runtime on random input before it is written: an fp32 export "
         "that differs from PyTorch by more than 1e-4 relative is refused.",
     )
-    x.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    _source_args(x)
     x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     x.add_argument("--input-shape", help="N,C,H,W or C,H,W (default: the checkpoint's); batch stays dynamic")
     x.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (default 17)")
     x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
     x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")
-    x.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
-    x.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
     x.add_argument("--force", action="store_true", help="overwrite an existing output")
     x.add_argument("--json", action="store_true", help="print the report as JSON")
     x.set_defaults(func=_cmd_export)
@@ -154,12 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "models (A B B A ...). Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
     )
     b.add_argument("models", nargs="+", help=".onnx files and/or slimkit checkpoints")
-    b.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    b.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (checkpoints, CPU)")
-    b.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
-    b.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs per model and batch")
-    b.add_argument("--runs", type=_positive_int, default=50, help="timed runs per model and batch")
+    _timing_args(b)
     b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
+    b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")
+    b.add_argument("--channels-last", action="store_true", help="run checkpoints in channels_last memory format (torch)")
     b.add_argument("--json", help="also write the results as JSON here")
     b.add_argument("--plot", help="also write a PNG plot of latency vs batch here")
     b.add_argument("--force", action="store_true", help="overwrite existing --json/--plot outputs")
@@ -171,17 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved on one provider, and report speed-up against the MAC ratio; with --data, accuracy too. "
         "Writes compare.md, compare.json and compare.png.",
     )
-    c.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    _source_args(c)
     c.add_argument("--split-rate", type=_split_rate, help="fraction of channels kept, in (0, 1)")
     c.add_argument("--data", help="'digits' or a dataset directory (ImageFolder test/ or val/, or KE lists/tst.csv)")
-    c.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
-    c.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (eager, CPU)")
-    c.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
-    c.add_argument("--warmup", type=_positive_int, default=10)
-    c.add_argument("--runs", type=_positive_int, default=50)
+    _timing_args(c)
     c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
-    c.add_argument("--arch", help="architecture of a plain state_dict")
-    c.add_argument("--num-classes", type=_positive_int)
     c.add_argument("--force", action="store_true", help="overwrite existing report files")
     c.set_defaults(func=_cmd_compare)
 

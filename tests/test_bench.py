@@ -94,3 +94,10 @@ def test_unavailable_provider_is_refused(cli, files, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     r = cli("bench", files / "a.onnx", "--provider", "tensorrt")
     assert r.code == 2 and "is not available" in r.err
+
+
+def test_torch_runner_half_and_channels_last(files):
+    r = make_runner(files / "a.pt", "torch", threads=1, fp16=True, channels_last=True)
+    assert r.engine == "torch" and r.precision == "fp16" and r.provider == "torch-cpu"
+    res = bench([r], [2], warmup=1, runs=2)
+    assert res[0].p50_ms > 0 and res[0].precision == "fp16"
