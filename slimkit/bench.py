@@ -301,7 +301,7 @@ def plot(results: Sequence[BenchResult], path: str | Path, title: str = "latency
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SlimkitError("--plot needs matplotlib: pip install 'slimkit[plot]'") from None
+        raise SlimkitError("--plot needs matplotlib: pip install matplotlib") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r.model for r in results):
         pts = [(r.batch, r.p50_ms) for r in results if r.model == name]

@@ -99,6 +99,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evolve(args: argparse.Namespace) -> int:
+    from slimkit.training.evolve import EvolveConfig, evolve
+    from slimkit.training.loop import TrainConfig
+
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+                        weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
+    cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
+                       generations=args.generations, image_size=args.image_size,
+                       train_per_class=args.train_per_class, train=train)
+    out = args.resume or args.out
+    if out is None:
+        raise SystemExit(_fail("evolve", "give --out DIR for a new run or --resume DIR to continue one"))
+    evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
+    print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
+    return 0
+
+
+def _fail(verb: str, msg: str) -> int:
+    sys.stderr.write(f"slimkit {verb}: error: {msg}\n")
+    return 2
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from slimkit.models import list_models
 
@@ -189,6 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
     c.add_argument("--force", action="store_true", help="overwrite existing report files")
     c.set_defaults(func=_cmd_compare)
+
+    v = sub.add_parser(
+        "evolve", help="Knowledge Evolution: train generations with a KELS/WELS split",
+        description="Train a network for several generations; each keeps the fit hypothesis, re-initialises "
+        "the reset hypothesis and retrains the whole network with a fresh optimizer and schedule. After every "
+        "generation the dense network and its fit hypothesis are evaluated. Writes genN/last.pt, metrics.jsonl, "
+        "summary.md and generations.png; --resume continues an interrupted run from its last finished epoch.",
+    )
+    v.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    v.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
+    v.add_argument("--split-mode", default="kels", choices=("kels", "wels"))
+    v.add_argument("--split-rate", type=_split_rate, default=0.5)
+    v.add_argument("--generations", type=_positive_int, default=5)
+    v.add_argument("--epochs", type=_positive_int, default=30, help="epochs per generation")
+    v.add_argument("--batch-size", type=_positive_int, default=64)
+    v.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
+    v.add_argument("--warmup-epochs", type=int, default=5)
+    v.add_argument("--weight-decay", type=float, default=5e-4)
+    v.add_argument("--loss", default="ce", choices=("ce", "smooth"), help="cross-entropy or label smoothing 0.1")
+    v.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+    v.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", help="new run directory (must be empty or absent)")
+    v.add_argument("--resume", help="continue the run in this directory (same settings)")
+    v.set_defaults(func=_cmd_evolve)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")
     m.set_defaults(func=_cmd_models)

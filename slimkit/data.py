@@ -66,17 +66,20 @@ class _ListDataset(torch.utils.data.Dataset):
             return self.transform(im.convert("RGB")), label
 
 
-def _eval_transform(input_shape: tuple[int, ...]):
+def _transform(input_shape: tuple[int, ...], augment: bool = False):
+    """Evaluation: resize + center crop. Training (``augment``): RandomResizedCrop + horizontal flip."""
     from torchvision import transforms as T
 
     c, h, w = input_shape
     if c != 3:
         raise SlimkitError(f"image folders give RGB images; this network reads {c} channels")
-    return T.Compose([T.Resize(round(h * 256 / 224)), T.CenterCrop((h, w)), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    geometry = ([T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip()] if augment
+                else [T.Resize(round(h * 256 / 224)), T.CenterCrop((h, w))])
+    return T.Compose([*geometry, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test") -> torch.utils.data.Dataset:
+def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test",
+              augment: bool = False) -> torch.utils.data.Dataset:
     """Evaluation images from a directory, resized/cropped to ``input_shape``, ImageNet-normalised.
 
     Layouts: the Knowledge Evolution one (``lists/{trn,val,tst}.csv`` with ``file_name,label``),
@@ -88,7 +91,7 @@ def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test") -> t
     root_p = Path(root)
     if not root_p.is_dir():
         raise SlimkitError(f"dataset directory {root} does not exist" if not root_p.exists() else f"{root} is not a directory")
-    tf = _eval_transform(tuple(input_shape))
+    tf = _transform(tuple(input_shape), augment)
     csv_name = {"train": "trn", "val": "val", "test": "tst"}[split]
     lst = root_p / "lists" / f"{csv_name}.csv"
     if lst.is_file():

@@ -1,0 +1,1 @@
+"""Training methods. Each ends in a network whose KeepPlan the surgery can cut."""

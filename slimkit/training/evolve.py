@@ -1,0 +1,258 @@
+"""Knowledge Evolution (Taha et al., CVPR 2021): `slimkit evolve`.
+
+The network N is split by a mask M into a fit hypothesis M*N and a reset hypothesis (1-M)*N.
+Generation 1 trains N from scratch. Each later generation starts from the last-epoch weights of
+the previous one, keeps the fit hypothesis, re-initialises the reset hypothesis like PyTorch's
+default init (kaiming-uniform, a=sqrt(5)), carries BN parameters/statistics and biases over, and
+trains the whole dense network again with a fresh optimizer and schedule. The mask never enters
+the forward pass. After every generation both the dense network and its fit hypothesis are
+evaluated (KELS: the physically extracted network; WELS: the masked network, which has no slim form).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.evaluate import accuracy
+from slimkit.fileio import atomic_write
+from slimkit.graph import ChannelGraph, prunable_layers
+from slimkit.models import create_model
+from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
+from slimkit.surgery import apply_plan
+from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
+
+__all__ = ["EvolveConfig", "evolve", "reinit_reset"]
+
+
+@dataclasses.dataclass
+class EvolveConfig:
+    arch: str = "cifar_resnet"  # registry name
+    data: str = "digits"  # "digits" (bundled) or a dataset directory
+    split_mode: str = "kels"  # "kels" (has a slim network) or "wels"
+    split_rate: float = 0.5  # fraction of each layer in the fit hypothesis
+    generations: int = 5  # N1..NG
+    image_size: int = 16  # digits are resized to this (small nets); torchvision nets use 224 data
+    train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.split_mode not in ("kels", "wels"):
+            raise SlimkitError(f"unknown split mode {self.split_mode!r}; available: kels, wels")
+        self.split_rate = check_split_rate(self.split_rate)
+        if int(self.generations) < 1:
+            raise SlimkitError(f"generations must be a positive integer, got {self.generations!r}")
+        if self.train_per_class is not None and int(self.train_per_class) < 1:
+            raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
+        if int(self.image_size) < 4:
+            raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def reinit_reset(model: nn.Module, masks: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """W = M*W + (1-M)*W_r with W_r drawn like PyTorch's default conv/linear init (kaiming-uniform, a=sqrt(5)).
+
+    Only conv/linear weights change; BN parameters, running statistics and biases are carried over.
+    """
+    layers = prunable_layers(model)
+    for name, mask in masks.items():
+        w = layers[name].weight
+        fresh = torch.empty_like(w)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        w.copy_(torch.where(mask.to(w.device), w, fresh))
+
+
+def _datasets(cfg: EvolveConfig, in_chans: int, image_size: int):
+    from slimkit.data import digits, image_dir
+
+    if cfg.data == "digits":
+        train = digits("train", image_size=image_size, in_chans=in_chans, seed=0)
+        test = digits("test", image_size=image_size, in_chans=in_chans, seed=0)
+    else:
+        shape = (in_chans, image_size, image_size)
+        train, test = image_dir(cfg.data, shape, "train", augment=True), image_dir(cfg.data, shape, "test")
+    if cfg.train_per_class is not None:
+        train = _per_class_subset(train, cfg.train_per_class, cfg.train.seed)
+    return train, test
+
+
+def _labels(ds) -> torch.Tensor:
+    if hasattr(ds, "tensors"):
+        return ds.tensors[1]
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets)
+    return torch.as_tensor([lab for _, lab in ds.items])
+
+
+def _per_class_subset(ds, k: int, seed: int):
+    labels = _labels(ds)
+    g = torch.Generator().manual_seed(seed)
+    idx = []
+    for c in labels.unique():
+        members = torch.nonzero(labels == c).flatten()
+        idx += members[torch.randperm(len(members), generator=g)[:k]].tolist()
+    return torch.utils.data.Subset(ds, sorted(idx))
+
+
+def _shift_augment(x: torch.Tensor) -> torch.Tensor:
+    """Random shifts of up to 1/8 of the image: the light augmentation for small digit images."""
+    s = max(1, x.shape[-1] // 8)
+    dx, dy = torch.randint(-s, s + 1, (2,)).tolist()
+    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+
+
+def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
+    import inspect
+
+    from slimkit.models import _entry
+
+    params = inspect.signature(_entry(cfg.arch).factory).parameters
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if "in_chans" in params:
+        kwargs.update(in_chans=1 if cfg.data == "digits" else 3)
+    if "image_size" in params:
+        kwargs.update(image_size=cfg.image_size)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
+    return create_model(cfg.arch, **kwargs)
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
+           echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) Knowledge Evolution; returns one record per generation."""
+    out = Path(out)
+    state_path, cfg_path, metrics = out / "state.pt", out / "config.json", out / "metrics.jsonl"
+    if resume:
+        if not cfg_path.is_file() or not state_path.is_file():
+            raise SlimkitError(f"cannot resume: {out} holds no evolve run (config.json and state.pt)")
+        saved = json.loads(cfg_path.read_text())
+        now = cfg.to_json()
+        diff = [k for k in now if saved.get(k) != now[k]]
+        if diff:
+            k = diff[0]
+            raise SlimkitError(f"cannot resume {out}: it was run with {k}={saved.get(k)!r}, now {k}={now[k]!r}; "
+                               "resume with the same settings or choose a new --out")
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise SlimkitError(f"output directory {out} is not empty; use --resume {out} to continue it or choose a new --out")
+        if not out.parent.is_dir():
+            raise SlimkitError(f"cannot create {out}: directory {out.parent} does not exist")
+
+    probe = _build(cfg, 1)
+    in_shape = probe.slimkit_spec.input_shape
+    train, test = _datasets(cfg, in_shape[0], in_shape[1])
+    num_classes = int(_labels(test).max()) + 1
+    model = _build(cfg, num_classes)
+    shape = model.slimkit_spec.input_shape
+    graph = ChannelGraph(model, shape)
+    plan = kels_plan(graph, cfg.split_rate) if cfg.split_mode == "kels" else None
+    masks = plan_masks(graph, plan) if plan is not None else wels_masks(model, cfg.split_rate, seed=cfg.train.seed)
+    del graph
+    augment = _shift_augment if cfg.data == "digits" else None
+    tc = cfg.train
+
+    gen, epoch_done, opt_state, records = 1, 0, None, []
+    if resume:
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
+        records = [json.loads(line) for line in metrics.read_text().splitlines()
+                   if json.loads(line).get("kind") == "generation" and json.loads(line)["generation"] < gen]
+        echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
+    else:
+        out.mkdir(exist_ok=True)
+        cfg_path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+
+    epochs_run = 0
+    while gen <= cfg.generations:
+        t0 = time.perf_counter()
+        if gen > 1 and epoch_done == 0:  # a fresh generation: keep the fit hypothesis, redraw the rest
+            reinit_reset(model, masks, torch.Generator().manual_seed(cfg.train.seed * 7919 + gen))
+        opt = make_optimizer(model, tc)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
+            opt_state = None
+        for epoch in range(epoch_done, tc.epochs):
+            stats = train_one_epoch(model, train, opt, tc, gen, epoch, augment=augment, progress=progress)
+            _log(metrics, {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats,
+                           "test_acc": accuracy(model, test)})
+            st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
+            atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
+            epochs_run += 1
+            if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
+                return records  # simulated crash, for the resume test
+        dense_acc = accuracy(model, test)
+        if plan is not None:
+            fit = apply_plan(model, plan)
+            fit_acc = accuracy(fit, test)
+        else:
+            fit_acc = accuracy(apply_masks(_clone(model), masks), test)
+        gdir = out / f"gen{gen}"
+        gdir.mkdir(exist_ok=True)
+        from slimkit.checkpoint import save
+
+        save(model, gdir / "last.pt", force=True, split={"mode": cfg.split_mode, "rate": cfg.split_rate},
+             metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
+             data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0},
+             provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
+        rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
+               "seconds": time.perf_counter() - t0}
+        _log(metrics, rec)
+        records.append(rec)
+        echo(f"generation {gen}/{cfg.generations}: dense {100 * dense_acc:.2f}%  fit hypothesis "
+             f"({cfg.split_mode.upper()} {cfg.split_rate:g}) {100 * fit_acc:.2f}%  [{rec['seconds']:.1f} s]")
+        _write_summary(out, cfg, records)
+        gen, epoch_done = gen + 1, 0
+        st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
+        atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
+    return records
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _write_summary(out: Path, cfg: EvolveConfig, records: list[dict[str, Any]]) -> None:
+    lines = [f"# Knowledge Evolution: {cfg.arch} on {cfg.data}, {cfg.split_mode.upper()} split rate {cfg.split_rate:g}", "",
+             f"{cfg.train.epochs} epochs per generation, loss {cfg.train.loss}, seed {cfg.train.seed}"
+             + (f", {cfg.train_per_class} training images per class" if cfg.train_per_class else ""), "",
+             "| generation | dense test acc | fit hypothesis test acc |", "|---:|---:|---:|"]
+    lines += [f"| N{r['generation']} | {100 * r['dense_acc']:.2f}% | {100 * r['fit_acc']:.2f}% |" for r in records]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    g = [r["generation"] for r in records]
+    ax.plot(g, [100 * r["dense_acc"] for r in records], marker="o", label="dense")
+    ax.plot(g, [100 * r["fit_acc"] for r in records], marker="s", label=f"fit hypothesis ({cfg.split_mode})")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(g)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "generations.png", dpi=120)
+    plt.close(fig)

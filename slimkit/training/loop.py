@@ -1,0 +1,106 @@
+"""The plain training loop shared by every method: SGD, cosine schedule with warm-up, per-epoch seeding.
+
+Every epoch seeds its own shuffling and augmentation from (seed, generation, epoch), so a run
+resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from slimkit.errors import SlimkitError
+
+__all__ = ["TrainConfig", "lr_at", "epoch_seed", "train_one_epoch", "LOSSES"]
+
+LOSSES = ("ce", "smooth")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 30  # epochs per generation (KE) or of the whole run
+    batch_size: int = 64  # images per step
+    lr: float = 0.05  # peak learning rate, reached after the warm-up
+    momentum: float = 0.9  # SGD momentum, as in the KE paper
+    weight_decay: float = 5e-4  # L2 on every parameter
+    warmup_epochs: int = 5  # linear warm-up from lr/epochs... to lr, then cosine to 0
+    loss: str = "ce"  # "ce" cross-entropy, "smooth" label smoothing 0.1
+    seed: int = 0  # seeds init, masks, shuffling and augmentation: same seed, same CPU run
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise SlimkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise SlimkitError(f"lr must be a positive number, got {self.lr!r}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise SlimkitError("warmup_epochs and weight_decay must be >= 0 and momentum in [0, 1)")
+        if self.loss not in LOSSES:
+            raise SlimkitError(f"unknown loss {self.loss!r}; available: {', '.join(LOSSES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up over ``warmup_epochs`` (capped at half the run), then cosine decay to 0."""
+    total = cfg.epochs * steps_per_epoch
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total // 2)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(total - warm, 1)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+
+
+def epoch_seed(seed: int, generation: int, epoch: int) -> int:
+    return (seed * 1_000_003 + generation * 10_007 + epoch) % (2**63)
+
+
+def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    smoothing = 0.1 if name == "smooth" else 0.0
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
+
+
+def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    generation: int, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    progress: bool = False, device: str = "cpu") -> dict[str, float]:
+    """One epoch of SGD; returns mean loss, train accuracy and the last learning rate."""
+    seed = epoch_seed(cfg.seed, generation, epoch)
+    torch.manual_seed(seed)  # augmentation draws from the global generator
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                        generator=torch.Generator().manual_seed(seed))
+    loss_fn = _loss_fn(cfg.loss)
+    model.train()
+    total_loss = correct = seen = 0
+    it = loader
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(loader, desc=f"gen {generation} epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+    for i, (x, y) in enumerate(it):
+        step = epoch * len(loader) + i
+        lr = lr_at(cfg, step, len(loader))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = x.to(device), y.to(device)
+        if augment is not None:
+            x = augment(x)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh SGD optimizer: KE starts every generation with new momentum buffers."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -1,0 +1,106 @@
+"""Knowledge Evolution: reset semantics, resume == uninterrupted, reproducibility, outputs, refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimkit import create_model, load
+from slimkit.graph import ChannelGraph
+from slimkit.plan import kels_plan, plan_masks
+from slimkit.training.evolve import EvolveConfig, evolve, reinit_reset
+from slimkit.training.loop import TrainConfig
+
+
+def _cfg(**kw):
+    train = TrainConfig(epochs=2, batch_size=16, warmup_epochs=1, seed=kw.pop("seed", 0))
+    return EvolveConfig(arch="cifar_resnet", generations=2, image_size=8, train_per_class=4, train=train, **kw)
+
+
+def test_reinit_keeps_fit_redraws_reset_and_carries_bn_and_biases():
+    from conftest import randomize_bn
+
+    model = randomize_bn(create_model("small_vgg", num_classes=10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    graph = ChannelGraph(model, model.slimkit_spec.input_shape)
+    masks = plan_masks(graph, kels_plan(graph, 0.5))
+    reinit_reset(model, masks, torch.Generator().manual_seed(0))
+    after = model.state_dict()
+    for name, m in masks.items():
+        w0, w1 = before[name + ".weight"], after[name + ".weight"]
+        assert torch.equal(w1[m], w0[m])  # fit hypothesis untouched
+        assert (w1[~m] != w0[~m]).float().mean() > 0.99  # reset hypothesis redrawn
+        fan_in = w0[0].numel()
+        assert w1[~m].abs().max() <= 1 / fan_in**0.5 + 1e-6  # kaiming-uniform(a=sqrt 5) bound = 1/sqrt(fan_in)
+    for k in before:
+        if not any(k == n + ".weight" for n in masks):
+            assert torch.equal(before[k], after[k]), k  # BN params/stats and biases carried over
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = evolve(_cfg(), tmp_path / "full", progress=False, echo=lambda s: None)
+    evolve(_cfg(), tmp_path / "cut", progress=False, echo=lambda s: None, _stop_after_epochs=3)  # "crash" mid gen 2
+    assert not (tmp_path / "cut" / "gen2").exists()
+    resumed = evolve(_cfg(), tmp_path / "cut", resume=True, progress=False, echo=lambda s: None)
+    a = torch.load(tmp_path / "full" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["dense_acc"] for r in full] == [r["dense_acc"] for r in resumed]
+
+
+def test_outputs_and_extraction_of_a_generation(tmp_path, cli):
+    recs = evolve(_cfg(), tmp_path / "run", progress=False, echo=lambda s: None)
+    run = tmp_path / "run"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines].count("epoch") == 4 and [x["kind"] for x in lines].count("generation") == 2
+    assert "| N2 |" in (run / "summary.md").read_text()
+    assert (run / "generations.png").read_bytes()[:4] == b"\x89PNG"
+    meta = torch.load(run / "gen2" / "last.pt", weights_only=True)["meta"]
+    assert meta["split"] == {"mode": "kels", "rate": 0.5}
+    assert meta["metrics"]["fit_test_acc"] == recs[1]["fit_acc"]
+    r = cli("extract", run / "gen2" / "last.pt", "--split-rate", "0.5")
+    assert r.code == 0, r.err
+    assert load(run / "gen2" / "last.slim.pt").slimkit_spec.arch == "cifar_resnet"
+
+
+def test_same_seed_same_run_different_seed_different_run(tmp_path):
+    a = evolve(_cfg(), tmp_path / "a", progress=False, echo=lambda s: None)
+    b = evolve(_cfg(), tmp_path / "b", progress=False, echo=lambda s: None)
+    wa = torch.load(tmp_path / "a" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    wb = torch.load(tmp_path / "b" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and a == [dict(r, seconds=x["seconds"]) for r, x in zip(b, a)]
+    evolve(_cfg(seed=1), tmp_path / "c", progress=False, echo=lambda s: None)
+    wc = torch.load(tmp_path / "c" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(wa["conv1.weight"], wc["conv1.weight"])
+
+
+def test_wels_run_evaluates_the_masked_network(tmp_path):
+    recs = evolve(_cfg(split_mode="wels"), tmp_path / "w", progress=False, echo=lambda s: None)
+    assert len(recs) == 2 and all(0 <= r["fit_acc"] <= 1 for r in recs)
+    meta = torch.load(tmp_path / "w" / "gen1" / "last.pt", weights_only=True)["meta"]
+    assert meta["split"]["mode"] == "wels"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--split-rate", "0"], "split rate"),
+        (["--data", "/no/such/dataset"], "does not exist"),
+        (["--generations", "0"], "positive integer"),
+        ([], "give --out"),
+    ],
+)
+def test_evolve_refusals(cli, tmp_path, argv, expected):
+    extra = [] if argv == [] else ["--out", str(tmp_path / "r")]
+    r = cli("evolve", *argv, *extra)
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and expected in r.err, r.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_other_settings_is_refused_and_run_untouched(cli, tmp_path):
+    evolve(_cfg(), tmp_path / "r", progress=False, echo=lambda s: None, _stop_after_epochs=1)
+    before = (tmp_path / "r" / "state.pt").read_bytes()
+    r = cli("evolve", "--resume", tmp_path / "r", "--image-size", "8", "--train-per-class", "4", "--epochs", "3")
+    assert r.code == 2 and "it was run with" in r.err
+    assert (tmp_path / "r" / "state.pt").read_bytes() == before
