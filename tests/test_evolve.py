@@ -54,6 +54,13 @@ def test_outputs_and_extraction_of_a_generation(tmp_path, cli):
     run = tmp_path / "run"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in lines].count("epoch") == 4 and [x["kind"] for x in lines].count("generation") == 2
+    epochs = [x for x in lines if x["kind"] == "epoch"]
+    assert all({"loss", "lr", "dense_acc", "fit_acc", "seconds"} <= set(x) for x in epochs)
+    # the per-epoch fit accuracy (masked network) equals the per-generation one (extracted network)
+    gens = [x for x in lines if x["kind"] == "generation"]
+    for g in gens:
+        last = [x for x in epochs if x["generation"] == g["generation"]][-1]
+        assert last["fit_acc"] == g["fit_acc"] and last["dense_acc"] == g["dense_acc"]
     assert "| N2 |" in (run / "summary.md").read_text()
     assert (run / "generations.png").read_bytes()[:4] == b"\x89PNG"
     meta = torch.load(run / "gen2" / "last.pt", weights_only=True)["meta"]

@@ -189,9 +189,14 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
             opt.load_state_dict(opt_state)
             opt_state = None
         for epoch in range(epoch_done, tc.epochs):
+            te = time.perf_counter()
             stats = train_one_epoch(model, train, opt, tc, gen, epoch, augment=augment, progress=progress)
+            train_s = time.perf_counter() - te
+            # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
+            # the extracted network's (the surgery invariant) and it needs no tracing
             _log(metrics, {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats,
-                           "test_acc": accuracy(model, test)})
+                           "dense_acc": accuracy(model, test), "fit_acc": accuracy(apply_masks(_clone(model), masks), test),
+                           "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
             epochs_run += 1
