@@ -107,7 +107,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                         weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
                        generations=args.generations, image_size=args.image_size,
-                       train_per_class=args.train_per_class, train=train)
+                       train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
+                       train=train)
     out = args.resume or args.out
     if out is None:
         raise SystemExit(_fail("evolve", "give --out DIR for a new run or --resume DIR to continue one"))
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
     v.add_argument("--split-mode", default="kels", choices=("kels", "wels"))
     v.add_argument("--split-rate", type=_split_rate, default=0.5)
+    v.add_argument("--round-to", type=_positive_int, default=1,
+                   help="round KELS widths up to a multiple of N (e.g. 8 or 16) so the slim network suits blocked "
+                   "conv kernels; the paper's split is 1")
     v.add_argument("--generations", type=_positive_int, default=5)
     v.add_argument("--epochs", type=_positive_int, default=30, help="epochs per generation")
     v.add_argument("--batch-size", type=_positive_int, default=64)
@@ -232,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--loss", default="ce", choices=("ce", "smooth"), help="cross-entropy or label smoothing 0.1")
     v.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
     v.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
+    v.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at each generation's end)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", help="new run directory (must be empty or absent)")
     v.add_argument("--resume", help="continue the run in this directory (same settings)")

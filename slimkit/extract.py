@@ -101,6 +101,7 @@ class FitHypothesis:
     max_abs_diff: float
     max_rel_diff: float
     verify_batch: int
+    round_to: int = 1
 
 
 def _check_split_mode(split_mode: str) -> None:
@@ -121,7 +122,9 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
     """
     sr = None if split_rate is None else check_split_rate(split_rate)
     dense, spec = src.model, spec_of(src.model)
-    if (src.meta.get("split") or {}).get("mode") == "wels":
+    recorded = src.meta.get("split") or {}
+    round_to = int(recorded.get("round_to", 1))  # a network trained with aligned widths is cut with them
+    if recorded.get("mode") == "wels":
         raise SlimkitError(f"{src.path} was trained with a WELS split, which has no slim network; only KELS splits can be extracted")
     if src.masks is None and sr is None:
         raise SlimkitError("--split-rate is required (e.g. --split-rate 0.5): this checkpoint carries no split masks")
@@ -130,13 +133,13 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
     graph = ChannelGraph(slim, spec.input_shape)  # traced once: plan, masks and cut all read it
     if src.masks is not None:
         plan = plan_from_masks(graph, src.masks, origin=f"masks of {src.path.name}")
-        if sr is not None and kels_plan(graph, sr).keep != plan.keep:
+        if sr is not None and kels_plan(graph, sr, round_to).keep != plan.keep:
             raise SlimkitError(
                 f"--split-rate {sr:g} disagrees with the split masks stored in {src.path}; omit --split-rate to use the file's masks"
             )
         fit_masks = src.masks
     else:
-        plan = kels_plan(graph, sr)
+        plan = kels_plan(graph, sr, round_to)
         fit_masks = plan_masks(graph, plan)
     masked = apply_masks(copy.deepcopy(dense), fit_masks)
     cut(graph, plan)
@@ -152,7 +155,8 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
             f"verification failed: slim and masked dense networks differ by {max_abs:.3e} "
             f"(relative {max_rel:.1e} > {VERIFY_RTOL:g}); nothing written. Please report this network."
         )
-    return FitHypothesis(dense, slim, plan, sr, dense_macs.per_sample, slim_macs.per_sample, max_abs, max_rel, verify_batch)
+    return FitHypothesis(dense, slim, plan, sr, dense_macs.per_sample, slim_macs.per_sample, max_abs, max_rel,
+                         verify_batch, round_to)
 
 
 def extract(
@@ -188,7 +192,7 @@ def extract(
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff
     meta = {
-        "split": {"mode": "kels", "rate": sr},
+        "split": {"mode": "kels", "rate": sr, **({"round_to": fh.round_to} if fh.round_to > 1 else {})},
         "provenance": {"source": str(ckpt), "source_sha256": src.sha256, "source_kind": src.kind},
         "verified": {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batch": verify_batch, "seed": seed},
     }

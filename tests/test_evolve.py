@@ -111,3 +111,20 @@ def test_resume_with_other_settings_is_refused_and_run_untouched(cli, tmp_path):
     r = cli("evolve", "--resume", tmp_path / "r", "--image-size", "8", "--train-per-class", "4", "--epochs", "3")
     assert r.code == 2 and "it was run with" in r.err
     assert (tmp_path / "r" / "state.pt").read_bytes() == before
+
+
+def test_round_to_split_is_recorded_and_used_by_extract(tmp_path, cli):
+    cfg = _cfg(round_to=8, eval_every=2, split_rate=0.3)  # ceil(0.3*C): 5/10/20 -> rounded 8/16/24
+    cfg.generations = 1
+    evolve(cfg, tmp_path / "r", progress=False, echo=lambda s: None)
+    meta = torch.load(tmp_path / "r" / "gen1" / "last.pt", weights_only=True)["meta"]
+    assert meta["split"] == {"mode": "kels", "rate": 0.3, "round_to": 8}
+    lines = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [x for x in lines if x["kind"] == "epoch"]
+    assert "fit_acc" in epochs[1] and all("fit_acc" in x for x in epochs[1::2])
+    r = cli("extract", tmp_path / "r" / "gen1" / "last.pt", "--split-rate", "0.3")
+    assert r.code == 0, r.err
+    slim = load(tmp_path / "r" / "gen1" / "last.slim.pt")
+    assert slim.conv1.out_channels == 8 and slim.layer2[0].conv1.out_channels == 16
+    assert slim.layer3[0].conv1.out_channels == 24
+    assert torch.load(tmp_path / "r" / "gen1" / "last.slim.pt", weights_only=True)["meta"]["split"]["round_to"] == 8

@@ -38,6 +38,8 @@ class EvolveConfig:
     data: str = "digits"  # "digits" (bundled) or a dataset directory
     split_mode: str = "kels"  # "kels" (has a slim network) or "wels"
     split_rate: float = 0.5  # fraction of each layer in the fit hypothesis
+    round_to: int = 1  # KELS widths rounded up to a multiple of this (1: the paper's ceil(sr*C))
+    eval_every: int = 1  # evaluate dense and fit hypothesis every N epochs (and always at a generation's end)
     generations: int = 5  # N1..NG
     image_size: int = 16  # digits are resized to this (small nets); torchvision nets use 224 data
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
@@ -53,6 +55,10 @@ class EvolveConfig:
             raise SlimkitError(f"generations must be a positive integer, got {self.generations!r}")
         if self.train_per_class is not None and int(self.train_per_class) < 1:
             raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
+        if int(self.round_to) < 1 or int(self.eval_every) < 1:
+            raise SlimkitError(f"round_to and eval_every must be positive integers, got {self.round_to!r}, {self.eval_every!r}")
+        if self.round_to > 1 and self.split_mode != "kels":
+            raise SlimkitError("round_to applies to KELS splits only")
         if int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
 
@@ -161,7 +167,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     model = _build(cfg, num_classes)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)
-    plan = kels_plan(graph, cfg.split_rate) if cfg.split_mode == "kels" else None
+    plan = kels_plan(graph, cfg.split_rate, cfg.round_to) if cfg.split_mode == "kels" else None
     masks = plan_masks(graph, plan) if plan is not None else wels_masks(model, cfg.split_rate, seed=cfg.train.seed)
     del graph
     augment = _shift_augment if cfg.data == "digits" else None
@@ -194,9 +200,11 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
             train_s = time.perf_counter() - te
             # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
             # the extracted network's (the surgery invariant) and it needs no tracing
-            _log(metrics, {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats,
-                           "dense_acc": accuracy(model, test), "fit_acc": accuracy(apply_masks(_clone(model), masks), test),
-                           "train_seconds": train_s, "seconds": time.perf_counter() - te})
+            record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == tc.epochs:
+                record.update(dense_acc=accuracy(model, test),
+                              fit_acc=accuracy(apply_masks(_clone(model), masks), test))
+            _log(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
             epochs_run += 1
@@ -212,7 +220,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
         gdir.mkdir(exist_ok=True)
         from slimkit.checkpoint import save
 
-        save(model, gdir / "last.pt", force=True, split={"mode": cfg.split_mode, "rate": cfg.split_rate},
+        save(model, gdir / "last.pt", force=True, split=_split_meta(cfg),
              metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
              data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0},
              provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
@@ -227,6 +235,13 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
         st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
         atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
     return records
+
+
+def _split_meta(cfg: EvolveConfig) -> dict[str, Any]:
+    meta = {"mode": cfg.split_mode, "rate": cfg.split_rate}
+    if cfg.round_to > 1:
+        meta["round_to"] = cfg.round_to
+    return meta
 
 
 def _clone(model: nn.Module) -> nn.Module:
