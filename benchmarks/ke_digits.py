@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimkit.training.evolve import EvolveConfig, evolve
+from slimkit.training.evolve import EvolveConfig, evolve, plot_generations
 from slimkit.training.loop import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,22 +64,9 @@ def main() -> None:
     lines += ["", f"The fit hypothesis at N{last['generation']} ({last['fit_mean']:.2f}%) {verdict} the dense N1 "
               f"({first['dense_mean']:.2f}%). Paper (Flower102, ResNet18): dense 52.8 at N1, slim 61.9 at N10."]
     (RESULTS / "ke_digits.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    g = [r["generation"] for r in table]
-    ax.errorbar(g, [r["dense_mean"] for r in table], [r["dense_std"] for r in table], marker="o", capsize=3, label="dense")
-    ax.errorbar(g, [r["fit_mean"] for r in table], [r["fit_std"] for r in table], marker="s", capsize=3, label="fit hypothesis (KELS)")
-    ax.set_xlabel("generation")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(g)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "ke_digits.png", dpi=120)
+    plot_generations(RESULTS / "ke_digits.png", [r["generation"] for r in table], [r["dense_mean"] for r in table],
+                     [r["fit_mean"] for r in table], [r["dense_std"] for r in table], [r["fit_std"] for r in table],
+                     fit_label="fit hypothesis (KELS)")
     print("\n".join(lines))
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 
-__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "spec_of"]
+__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "model_params", "spec_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,11 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise SlimkitError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def model_params(name: str) -> list[str]:
+    """Constructor arguments a registry model takes (e.g. to know whether it has ``in_chans``)."""
+    return list(inspect.signature(_entry(name).factory).parameters)
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

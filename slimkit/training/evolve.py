@@ -10,6 +10,7 @@ evaluated (KELS: the physically extracted network; WELS: the masked network, whi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -24,12 +25,12 @@ from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.fileio import atomic_write
 from slimkit.graph import ChannelGraph, prunable_layers
-from slimkit.models import create_model
+from slimkit.models import create_model, model_params
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
 
-__all__ = ["EvolveConfig", "evolve", "reinit_reset"]
+__all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
 
 @dataclasses.dataclass
@@ -120,11 +121,7 @@ def _shift_augment(x: torch.Tensor) -> torch.Tensor:
 
 
 def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
-    import inspect
-
-    from slimkit.models import _entry
-
-    params = inspect.signature(_entry(cfg.arch).factory).parameters
+    params = model_params(cfg.arch)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if "in_chans" in params:
         kwargs.update(in_chans=1 if cfg.data == "digits" else 3)
@@ -203,7 +200,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
             record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == tc.epochs:
                 record.update(dense_acc=accuracy(model, test),
-                              fit_acc=accuracy(apply_masks(_clone(model), masks), test))
+                              fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test))
             _log(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
@@ -215,7 +212,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
             fit = apply_plan(model, plan)
             fit_acc = accuracy(fit, test)
         else:
-            fit_acc = accuracy(apply_masks(_clone(model), masks), test)
+            fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test)
         gdir = out / f"gen{gen}"
         gdir.mkdir(exist_ok=True)
         from slimkit.checkpoint import save
@@ -244,12 +241,6 @@ def _split_meta(cfg: EvolveConfig) -> dict[str, Any]:
     return meta
 
 
-def _clone(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
 def _write_summary(out: Path, cfg: EvolveConfig, records: list[dict[str, Any]]) -> None:
     lines = [f"# Knowledge Evolution: {cfg.arch} on {cfg.data}, {cfg.split_mode.upper()} split rate {cfg.split_rate:g}", "",
              f"{cfg.train.epochs} epochs per generation, loss {cfg.train.loss}, seed {cfg.train.seed}"
@@ -257,22 +248,28 @@ def _write_summary(out: Path, cfg: EvolveConfig, records: list[dict[str, Any]]) 
              "| generation | dense test acc | fit hypothesis test acc |", "|---:|---:|---:|"]
     lines += [f"| N{r['generation']} | {100 * r['dense_acc']:.2f}% | {100 * r['fit_acc']:.2f}% |" for r in records]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
     g = [r["generation"] for r in records]
-    ax.plot(g, [100 * r["dense_acc"] for r in records], marker="o", label="dense")
-    ax.plot(g, [100 * r["fit_acc"] for r in records], marker="s", label=f"fit hypothesis ({cfg.split_mode})")
+    plot_generations(out / "generations.png", g, [100 * r["dense_acc"] for r in records],
+                     [100 * r["fit_acc"] for r in records], fit_label=f"fit hypothesis ({cfg.split_mode})")
+
+
+def plot_generations(path: Path, generations: list[int], dense: list[float], fit: list[float],
+                     dense_err: list[float] | None = None, fit_err: list[float] | None = None,
+                     fit_label: str = "fit hypothesis") -> None:
+    """Test accuracy (%) of the dense network and its fit hypothesis vs generation, with optional error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar(generations, dense, dense_err, marker="o", capsize=3, label="dense")
+    ax.errorbar(generations, fit, fit_err, marker="s", capsize=3, label=fit_label)
     ax.set_xlabel("generation")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_xticks(g)
+    ax.set_xticks(generations)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "generations.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
