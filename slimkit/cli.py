@@ -113,7 +113,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     if out is None:
         raise SystemExit(_fail("evolve", "give --out DIR for a new run or --resume DIR to continue one"))
     evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
-    print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
+    if int(__import__("os").environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes and speaks
+        print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
     return 0
 
 

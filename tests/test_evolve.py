@@ -128,3 +128,23 @@ def test_round_to_split_is_recorded_and_used_by_extract(tmp_path, cli):
     assert slim.conv1.out_channels == 8 and slim.layer2[0].conv1.out_channels == 16
     assert slim.layer3[0].conv1.out_channels == 24
     assert torch.load(tmp_path / "r" / "gen1" / "last.slim.pt", weights_only=True)["meta"]["split"]["round_to"] == 8
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes: trains data-parallel, rank 0 writes a complete run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "slimkit", "evolve",
+           "--generations", "2", "--epochs", "2", "--train-per-class", "8", "--image-size", "8", "--out", str(tmp_path / "d")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert p.stdout.count("generation 2/2") == 1 and p.stdout.count("wrote") == 1  # rank 0 only
+    lines = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines].count("epoch") == 4  # logged once, not once per rank
+    assert load(tmp_path / "d" / "gen2" / "last.pt").slimkit_spec.arch == "cifar_resnet"

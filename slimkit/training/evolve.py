@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -136,10 +137,41 @@ def _log(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group). Launched by torchrun: WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        created = True
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
            echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
-    """Run (or resume) Knowledge Evolution; returns one record per generation."""
-    out = Path(out)
+    """Run (or resume) Knowledge Evolution; returns one record per generation.
+
+    Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
+    evaluates and writes every file.
+    """
+    rank, world, created = _distributed()
+    try:
+        return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
+                       _stop_after_epochs, rank, world)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
+            _stop_after_epochs: int | None, rank: int, world: int) -> list[dict[str, Any]]:
+    main = rank == 0
     state_path, cfg_path, metrics = out / "state.pt", out / "config.json", out / "metrics.jsonl"
     if resume:
         if not cfg_path.is_file() or not state_path.is_file():
@@ -157,6 +189,10 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
         if not out.parent.is_dir():
             raise SlimkitError(f"cannot create {out}: directory {out.parent} does not exist")
 
+    if world > 1:  # every rank has checked the directory before rank 0 writes into it
+        import torch.distributed as dist
+
+        dist.barrier()
     probe = _build(cfg, 1)
     in_shape = probe.slimkit_spec.input_shape
     train, test = _datasets(cfg, in_shape[0], in_shape[1])
@@ -178,23 +214,31 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
         records = [json.loads(line) for line in metrics.read_text().splitlines()
                    if json.loads(line).get("kind") == "generation" and json.loads(line)["generation"] < gen]
         echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
-    else:
+    elif main:
         out.mkdir(exist_ok=True)
         cfg_path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
 
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
     epochs_run = 0
     while gen <= cfg.generations:
         t0 = time.perf_counter()
         if gen > 1 and epoch_done == 0:  # a fresh generation: keep the fit hypothesis, redraw the rest
             reinit_reset(model, masks, torch.Generator().manual_seed(cfg.train.seed * 7919 + gen))
-        opt = make_optimizer(model, tc)
+        opt = make_optimizer(net, tc)
         if opt_state is not None:
             opt.load_state_dict(opt_state)
             opt_state = None
         for epoch in range(epoch_done, tc.epochs):
             te = time.perf_counter()
-            stats = train_one_epoch(model, train, opt, tc, gen, epoch, augment=augment, progress=progress)
+            stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress)
             train_s = time.perf_counter() - te
+            epochs_run += 1
+            if not main:
+                continue
             # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
             # the extracted network's (the surgery invariant) and it needs no tracing
             record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
@@ -204,9 +248,11 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
             _log(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
-            epochs_run += 1
             if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
                 return records  # simulated crash, for the resume test
+        if not main:
+            gen, epoch_done = gen + 1, 0
+            continue
         dense_acc = accuracy(model, test)
         if plan is not None:
             fit = apply_plan(model, plan)

@@ -72,8 +72,15 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
     """One epoch of SGD; returns mean loss, train accuracy and the last learning rate."""
     seed = epoch_seed(cfg.seed, generation, epoch)
     torch.manual_seed(seed)  # augmentation draws from the global generator
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                        generator=torch.Generator().manual_seed(seed))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP: every rank draws the same seeded permutation and takes its own shard of it
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
+    else:
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
+                            generator=torch.Generator().manual_seed(seed))
     loss_fn = _loss_fn(cfg.loss)
     model.train()
     total_loss = correct = seen = 0
