@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
     v.add_argument("--warmup-epochs", type=int, default=5)
     v.add_argument("--weight-decay", type=float, default=5e-4)
-    v.add_argument("--loss", default="ce", choices=("ce", "smooth"), help="cross-entropy or label smoothing 0.1")
+    v.add_argument("--loss", default="ce", choices=("ce", "smooth", "cskd"),
+                   help="cross-entropy, label smoothing 0.1, or CS-KD (class-wise self-distillation, T=4)")
     v.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
     v.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
     v.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at each generation's end)")

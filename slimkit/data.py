@@ -126,3 +126,16 @@ def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = No
         seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
         return digits("test", image_size=h, in_chans=c, seed=seed)
     return image_dir(data, input_shape, "test")
+
+
+def labels_of(ds) -> torch.Tensor:
+    """The label of every item of a slimkit dataset (TensorDataset, ImageFolder, list, Subset), without loading images."""
+    if isinstance(ds, torch.utils.data.Subset):
+        return labels_of(ds.dataset)[torch.as_tensor(ds.indices)]
+    if hasattr(ds, "tensors"):
+        return ds.tensors[1]
+    if hasattr(ds, "targets"):
+        return torch.as_tensor(ds.targets)
+    if hasattr(ds, "items"):
+        return torch.as_tensor([lab for _, lab in ds.items])
+    raise TypeError(f"cannot read the labels of {type(ds).__name__}")

@@ -148,3 +148,29 @@ def test_ddp_two_cpu_processes(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in lines].count("epoch") == 4  # logged once, not once per rank
     assert load(tmp_path / "d" / "gen2" / "last.pt").slimkit_spec.arch == "cifar_resnet"
+
+
+def test_cskd_term_and_pairs():
+    from slimkit.data import digits
+    from slimkit.training.loop import _ClassPairs, cskd_term
+
+    z = torch.randn(5, 10)
+    assert float(cskd_term(z, z)) == pytest.approx(0.0, abs=1e-6)  # identical predictions: no penalty
+    assert float(cskd_term(z, torch.randn(5, 10))) > 0
+    ds = digits("train")
+    pairs = _ClassPairs(ds, seed=0)
+    y = torch.tensor([0, 3, 3, 9])
+    x2 = pairs.partners(y)
+    labels = ds.tensors[1]
+    for img, c in zip(x2, y):  # every partner is an image of the same class
+        match = (ds.tensors[0] == img).flatten(1).all(1)
+        assert set(labels[match].tolist()) == {int(c)}
+
+
+def test_cskd_run(tmp_path):
+    cfg = _cfg()
+    cfg.train.loss = "cskd"
+    recs = evolve(cfg, tmp_path / "k", progress=False, echo=lambda s: None)
+    assert len(recs) == 2
+    lines = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
+    assert all(x["loss"] > 0 for x in lines if x["kind"] == "epoch")

@@ -26,6 +26,7 @@ from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.fileio import atomic_write
 from slimkit.graph import ChannelGraph, prunable_layers
+from slimkit.data import labels_of
 from slimkit.models import create_model, model_params
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
@@ -96,16 +97,8 @@ def _datasets(cfg: EvolveConfig, in_chans: int, image_size: int):
     return train, test
 
 
-def _labels(ds) -> torch.Tensor:
-    if hasattr(ds, "tensors"):
-        return ds.tensors[1]
-    if hasattr(ds, "targets"):
-        return torch.as_tensor(ds.targets)
-    return torch.as_tensor([lab for _, lab in ds.items])
-
-
 def _per_class_subset(ds, k: int, seed: int):
-    labels = _labels(ds)
+    labels = labels_of(ds)
     g = torch.Generator().manual_seed(seed)
     idx = []
     for c in labels.unique():
@@ -196,7 +189,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     probe = _build(cfg, 1)
     in_shape = probe.slimkit_spec.input_shape
     train, test = _datasets(cfg, in_shape[0], in_shape[1])
-    num_classes = int(_labels(test).max()) + 1
+    num_classes = int(labels_of(test).max()) + 1
     model = _build(cfg, num_classes)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)

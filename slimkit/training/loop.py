@@ -18,7 +18,8 @@ from slimkit.errors import SlimkitError
 
 __all__ = ["TrainConfig", "lr_at", "epoch_seed", "train_one_epoch", "LOSSES"]
 
-LOSSES = ("ce", "smooth")
+LOSSES = ("ce", "smooth", "cskd")
+CSKD_TEMPERATURE, CSKD_WEIGHT = 4.0, 1.0  # Yun et al., CVPR 2020
 
 
 @dataclasses.dataclass
@@ -29,7 +30,7 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum, as in the KE paper
     weight_decay: float = 5e-4  # L2 on every parameter
     warmup_epochs: int = 5  # linear warm-up from lr/epochs... to lr, then cosine to 0
-    loss: str = "ce"  # "ce" cross-entropy, "smooth" label smoothing 0.1
+    loss: str = "ce"  # "ce" cross-entropy, "smooth" label smoothing 0.1, "cskd" class-wise self-distillation
     seed: int = 0  # seeds init, masks, shuffling and augmentation: same seed, same CPU run
 
     def __post_init__(self):
@@ -82,6 +83,7 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
                             generator=torch.Generator().manual_seed(seed))
     loss_fn = _loss_fn(cfg.loss)
+    pairs = _ClassPairs(dataset, seed) if cfg.loss == "cskd" else None
     model.train()
     total_loss = correct = seen = 0
     it = loader
@@ -97,8 +99,15 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
         x, y = x.to(device), y.to(device)
         if augment is not None:
             x = augment(x)
-        logits = model(x)
-        loss = loss_fn(logits, y)
+        if pairs is None:
+            logits = model(x)
+            loss = loss_fn(logits, y)
+        else:
+            x2 = pairs.partners(y).to(device)  # another image of the same class for every sample
+            if augment is not None:
+                x2 = augment(x2)
+            logits, logits2 = model(torch.cat([x, x2])).split(len(y))
+            loss = F.cross_entropy(logits, y) + cskd_term(logits, logits2.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -106,6 +115,30 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr}
+
+
+def cskd_term(logits: torch.Tensor, partner_logits: torch.Tensor) -> torch.Tensor:
+    """CS-KD regulariser: KL(softmax(partner/T) || softmax(logits/T)) * T^2, partner detached by the caller."""
+    t = CSKD_TEMPERATURE
+    return CSKD_WEIGHT * t * t * F.kl_div(F.log_softmax(logits / t, 1), F.softmax(partner_logits / t, 1),
+                                          reduction="batchmean")
+
+
+class _ClassPairs:
+    """Draws, for each label, a random training item of the same class (seeded per epoch)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        from slimkit.data import labels_of
+
+        self.dataset = dataset
+        labels = labels_of(dataset)
+        self.members = {int(c): torch.nonzero(labels == c).flatten() for c in labels.unique()}
+        self.gen = torch.Generator().manual_seed(seed + 1)
+
+    def partners(self, y: torch.Tensor) -> torch.Tensor:
+        idx = [int(self.members[int(c)][torch.randint(len(self.members[int(c)]), (1,), generator=self.gen)])
+               for c in y.cpu()]
+        return torch.stack([self.dataset[i][0] for i in idx])
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
