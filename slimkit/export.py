@@ -59,6 +59,11 @@ class ExportReport:
         ])
 
 
+def _check_opset(opset: int) -> None:
+    if not 7 <= int(opset) <= 23:
+        raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
+
+
 def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     """'1,3,224,224' or '3,224,224' -> (3, 224, 224): the batch axis is always dynamic."""
     try:
@@ -128,8 +133,7 @@ def to_verified_onnx(
     import onnx
 
     fp16 = fp16 or fp16_io
-    if not 7 <= int(opset) <= 23:
-        raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
+    _check_opset(opset)
     model = model.eval()
     arch = getattr(getattr(model, "slimkit_spec", None), "arch", type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
@@ -204,8 +208,7 @@ def export_onnx(
     """Export the network in ``ckpt`` to ONNX, verify it in ONNX Runtime, then write it atomically."""
     t0 = time.perf_counter()
     fp16 = fp16 or fp16_io
-    if not 7 <= int(opset) <= 23:
-        raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
+    _check_opset(opset)
     out = check_output(out, force)
     src = read(ckpt, arch=arch, num_classes=num_classes)
     model, spec = src.model, spec_of(src.model)

@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 
-__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "model_params", "spec_of"]
+__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "model_params", "input_shape_of", "spec_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,9 @@ def model_params(name: str) -> list[str]:
     return list(inspect.signature(_entry(name).factory).parameters)
 
 
-def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registry model with random weights, in eval mode, with its ModelSpec attached."""
-    entry = _entry(name)
-    sig = inspect.signature(entry.factory)
+def _bind(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Complete constructor arguments (defaults filled in); unknown arguments are refused."""
+    sig = inspect.signature(_entry(name).factory)
     unknown = sorted(set(kwargs) - set(sig.parameters))
     if unknown:
         raise SlimkitError(
@@ -86,7 +85,18 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         )
     bound = sig.bind(**kwargs)
     bound.apply_defaults()
-    args = dict(bound.arguments)
+    return dict(bound.arguments)
+
+
+def input_shape_of(name: str, **kwargs: Any) -> tuple[int, ...]:
+    """The (C, H, W) input a registry model built with ``kwargs`` takes, without building it."""
+    return tuple(_entry(name).input_shape(_bind(name, kwargs)))
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registry model with random weights, in eval mode, with its ModelSpec attached."""
+    entry = _entry(name)
+    args = _bind(name, kwargs)
     if "num_classes" in args and (not isinstance(args["num_classes"], int) or args["num_classes"] < 1):
         raise SlimkitError(f"num_classes must be a positive integer, got {args['num_classes']!r}")
     model = entry.factory(**args)

@@ -18,16 +18,10 @@ from torch.utils.data import DataLoader
 
 import slimkit
 from slimkit.data import digits
+from slimkit.evaluate import accuracy
 from slimkit.graph import ChannelGraph
 from slimkit.plan import kels_plan
 from slimkit.surgery import apply_plan
-
-
-@torch.inference_mode()
-def accuracy(model, ds) -> float:
-    model.eval()
-    x, y = ds.tensors
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def main() -> None:

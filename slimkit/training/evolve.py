@@ -27,7 +27,7 @@ from slimkit.evaluate import accuracy
 from slimkit.fileio import atomic_write
 from slimkit.graph import ChannelGraph, prunable_layers
 from slimkit.data import labels_of
-from slimkit.models import create_model, model_params
+from slimkit.models import create_model, input_shape_of, model_params
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
@@ -114,15 +114,20 @@ def _shift_augment(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
 
 
-def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
+def _model_kwargs(cfg: EvolveConfig) -> dict[str, Any]:
+    """Input-related constructor arguments, for the small nets that take them."""
     params = model_params(cfg.arch)
-    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {}
     if "in_chans" in params:
         kwargs.update(in_chans=1 if cfg.data == "digits" else 3)
     if "image_size" in params:
         kwargs.update(image_size=cfg.image_size)
+    return kwargs
+
+
+def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
-    return create_model(cfg.arch, **kwargs)
+    return create_model(cfg.arch, num_classes=num_classes, **_model_kwargs(cfg))
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
@@ -186,8 +191,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         import torch.distributed as dist
 
         dist.barrier()
-    probe = _build(cfg, 1)
-    in_shape = probe.slimkit_spec.input_shape
+    in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = _datasets(cfg, in_shape[0], in_shape[1])
     num_classes = int(labels_of(test).max()) + 1
     model = _build(cfg, num_classes)
@@ -204,8 +208,8 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
-        records = [json.loads(line) for line in metrics.read_text().splitlines()
-                   if json.loads(line).get("kind") == "generation" and json.loads(line)["generation"] < gen]
+        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = [r for r in logged if r.get("kind") == "generation" and r["generation"] < gen]
         echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
     elif main:
         out.mkdir(exist_ok=True)
