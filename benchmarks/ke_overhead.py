@@ -22,7 +22,8 @@ import torch
 from slimkit.data import digits
 from slimkit.evaluate import accuracy
 from slimkit.models import create_model
-from slimkit.training.evolve import EvolveConfig, _shift_augment, evolve
+from slimkit.training.evolve import EvolveConfig, evolve
+from slimkit.training.runs import shift_augment
 from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +46,7 @@ def main() -> None:
             opt = make_optimizer(model, tc)
             for epoch in range(tc.epochs):
                 te = time.perf_counter()
-                train_one_epoch(model, train, opt, tc, gen, epoch, augment=_shift_augment)
+                train_one_epoch(model, train, opt, tc, gen, epoch, augment=shift_augment)
                 train_s += time.perf_counter() - te
                 accuracy(model, test)
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, Path(tmp) / "state.pt")

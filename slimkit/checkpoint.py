@@ -5,6 +5,7 @@ A slimkit checkpoint is a ``torch.save`` of plain containers and tensors only::
     {"format": "slimkit", "format_version": 1,
      "spec":  {"arch", "args", "input_shape"},     # how to rebuild the dense network
      "plans": [KeepPlan.to_json(), ...],           # cuts applied to it, oldest first ([] = dense)
+     "concat": 2,                                  # only for a merged big student (merge.py): widened first
      "meta":  {"split": ..., "provenance": ..., ...},
      "state_dict": {...}}
 
@@ -74,7 +75,7 @@ def _payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     prov.setdefault("torch_version", str(torch.__version__))
     prov.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     meta["provenance"] = prov
-    return {
+    payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "spec": spec.to_json(),
@@ -82,6 +83,9 @@ def _payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
         "meta": meta,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
+    if getattr(model, "slimkit_concat", 1) != 1:
+        payload["concat"] = int(model.slimkit_concat)
+    return payload
 
 
 def save(model: nn.Module, path: str | Path, force: bool = False, **meta: Any) -> Path:
@@ -231,10 +235,17 @@ def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
             plans = [KeepPlan.from_json(p) for p in obj.get("plans", [])]
             meta = dict(obj.get("meta", {}))
             sd = obj["state_dict"]
+            concat = int(obj.get("concat", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
         _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes)
         model = create_model(spec.arch, **spec.args)
+        if concat == 2:  # a merged big student: two copies side by side (merge.py)
+            from slimkit.merge import widen
+
+            widen(model)
+        elif concat != 1:
+            raise SlimkitError(f"{path} describes a concatenation of {concat} networks; slimkit merges two")
         for plan in plans:  # re-cut the fresh dense network exactly as the parent was cut
             cut(ChannelGraph(model, spec.input_shape), plan)
         _load_weights(path, model, sd, f"the {spec.arch} it describes")

@@ -99,22 +99,66 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evolve(args: argparse.Namespace) -> int:
-    from slimkit.training.evolve import EvolveConfig, evolve
+def _train_config(args: argparse.Namespace, epochs: int | None = None, lr: float | None = None,
+                  warmup_epochs: int | None = None):
     from slimkit.training.loop import TrainConfig
 
-    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
-                        weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
+    return TrainConfig(epochs=epochs or args.epochs, batch_size=args.batch_size, lr=lr or args.lr,
+                       warmup_epochs=args.warmup_epochs if warmup_epochs is None else warmup_epochs,
+                       weight_decay=args.weight_decay, loss=args.loss, seed=args.seed)
+
+
+def _run_dir(verb: str, args: argparse.Namespace) -> str:
+    out = args.resume or args.out
+    if out is None:
+        raise SystemExit(_fail(verb, "give --out DIR for a new run or --resume DIR to continue one"))
+    return out
+
+
+def _rank0() -> bool:
+    return int(__import__("os").environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and speaks
+
+
+def _cmd_evolve(args: argparse.Namespace) -> int:
+    from slimkit.training.evolve import EvolveConfig, evolve
+
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
                        generations=args.generations, image_size=args.image_size,
                        train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
-                       train=train)
-    out = args.resume or args.out
-    if out is None:
-        raise SystemExit(_fail("evolve", "give --out DIR for a new run or --resume DIR to continue one"))
+                       train=_train_config(args))
+    out = _run_dir("evolve", args)
     evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
-    if int(__import__("os").environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes and speaks
+    if _rank0():
         print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from slimkit.training.train import TrainRunConfig, train
+
+    cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
+                         train_per_class=args.train_per_class, subset_seed=args.subset_seed,
+                         eval_every=args.eval_every, train=_train_config(args))
+    out = _run_dir("train", args)
+    train(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
+    if _rank0():
+        print(f"wrote {out}/last.pt, summary.md, curves.png and metrics.jsonl")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from slimkit.training.merge import MergeConfig, merge
+
+    cfg = MergeConfig(data=args.data, train_per_class=args.train_per_class, subset_seed=args.subset_seed,
+                      gate=_train_config(args, args.gate_epochs, args.lr, args.warmup_epochs),
+                      finetune=_train_config(args, args.finetune_epochs, args.finetune_lr, args.finetune_warmup_epochs),
+                      gate_lr=args.gate_lr, lambda_init=args.lambda_init, lambda_step=args.lambda_step,
+                      eval_every=args.eval_every)
+    out = _run_dir("merge", args)
+    merge(cfg, args.teachers, out, resume=args.resume is not None, arch=args.arch, num_classes=args.num_classes,
+          progress=sys.stderr.isatty())
+    if _rank0():
+        print(f"wrote {out}/big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
     return 0
 
 
@@ -131,6 +175,18 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
 def _source_args(p: argparse.ArgumentParser) -> None:
     """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
     p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
@@ -145,6 +201,26 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="intra-op threads (default: all cores)")
     p.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs per model and batch")
     p.add_argument("--runs", type=_positive_int, default=50, help="timed runs per model and batch")
+
+
+def _optim_args(p: argparse.ArgumentParser) -> None:
+    """Optimiser and loss flags shared by the training verbs."""
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--loss", default="ce", choices=("ce", "smooth", "cskd"),
+                   help="cross-entropy, label smoothing 0.1, or CS-KD (class-wise self-distillation, T=4)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
+    p.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
+    p.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at the end)")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="new run directory (must be empty or absent)")
+    p.add_argument("--resume", help="continue the run in this directory (same settings)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.md and generations.png; --resume continues an interrupted run from its last finished epoch.",
     )
     v.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
-    v.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
     v.add_argument("--split-mode", default="kels", choices=("kels", "wels"))
     v.add_argument("--split-rate", type=_split_rate, default=0.5)
     v.add_argument("--round-to", type=_positive_int, default=1,
@@ -230,19 +305,54 @@ def build_parser() -> argparse.ArgumentParser:
                    "conv kernels; the paper's split is 1")
     v.add_argument("--generations", type=_positive_int, default=5)
     v.add_argument("--epochs", type=_positive_int, default=30, help="epochs per generation")
-    v.add_argument("--batch-size", type=_positive_int, default=64)
     v.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
     v.add_argument("--warmup-epochs", type=int, default=5)
-    v.add_argument("--weight-decay", type=float, default=5e-4)
-    v.add_argument("--loss", default="ce", choices=("ce", "smooth", "cskd"),
-                   help="cross-entropy, label smoothing 0.1, or CS-KD (class-wise self-distillation, T=4)")
+    _optim_args(v)
+    _data_args(v)
     v.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
-    v.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
-    v.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at each generation's end)")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--out", help="new run directory (must be empty or absent)")
-    v.add_argument("--resume", help="continue the run in this directory (same settings)")
+    _run_args(v)
     v.set_defaults(func=_cmd_evolve)
+
+    t = sub.add_parser(
+        "train", help="plain training from a seeded random init (e.g. the teachers of a merge)",
+        description="Train a registry network from scratch with the loop evolve uses (SGD, cosine with warm-up). "
+        "Writes last.pt, metrics.jsonl, summary.md and curves.png; --resume continues from the last finished epoch.",
+    )
+    t.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    t.add_argument("--epochs", type=_positive_int, default=30)
+    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
+    t.add_argument("--warmup-epochs", type=int, default=5)
+    _optim_args(t)
+    _data_args(t)
+    t.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+    t.add_argument("--subset-seed", type=int, default=0, help="which --train-per-class subset (default 0, independent of --seed)")
+    _run_args(t)
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser(
+        "merge", help="merge two teachers into one network of their size (concatenate, L0 gates, keep half, fine-tune)",
+        description="Concatenate two teachers of one architecture into a double-width student whose logits are the "
+        "mean of theirs, learn channel importance with hard-concrete L0 gates, keep the better half of every "
+        "channel group with the same surgery as extract, and fine-tune. Writes big.pt, compressed.pt, last.pt, "
+        "metrics.jsonl, summary.md, gates.png and curves.png.",
+    )
+    g.add_argument("teachers", nargs="+", help="the two teacher checkpoints (slimkit, or plain state_dicts with --arch)")
+    g.add_argument("--arch", help="architecture of plain state_dict teachers (see `slimkit models`)")
+    g.add_argument("--num-classes", type=_positive_int, help="classes of plain state_dict teachers")
+    g.add_argument("--gate-epochs", type=_positive_int, default=30, help="epochs of importance learning")
+    g.add_argument("--gate-lr", type=_positive_float, default=0.05, help="Adam learning rate of the gates' log alpha")
+    g.add_argument("--lr", type=_positive_float, default=0.05, help="peak SGD learning rate of the weights while the gates learn")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="warm-up epochs of the gate phase")
+    g.add_argument("--lambda-init", type=_positive_float, default=1.0, help="initial weight of the half-open penalty")
+    g.add_argument("--lambda-step", type=float, default=1.0, help="lambda += step*sqrt(lambda) after every gate epoch")
+    g.add_argument("--finetune-epochs", type=_positive_int, default=30)
+    g.add_argument("--finetune-lr", type=_positive_float, default=0.01)
+    g.add_argument("--finetune-warmup-epochs", type=int, default=1)
+    _optim_args(g)
+    _data_args(g)
+    g.add_argument("--subset-seed", type=int, default=0, help="the --train-per-class subset the teachers were trained on")
+    _run_args(g)
+    g.set_defaults(func=_cmd_merge)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")
     m.set_defaults(func=_cmd_models)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +24,12 @@ from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.fileio import atomic_write
 from slimkit.graph import ChannelGraph, prunable_layers
-from slimkit.data import labels_of
-from slimkit.models import create_model, input_shape_of, model_params
+from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
+from slimkit.training.runs import (barrier, datasets, ddp, distributed, input_kwargs, log_record, num_classes_of,
+                                   check_run_dir, read_records, shift_augment, start_run_dir)
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
@@ -83,70 +82,13 @@ def reinit_reset(model: nn.Module, masks: dict[str, torch.Tensor], generator: to
         w.copy_(torch.where(mask.to(w.device), w, fresh))
 
 
-def _datasets(cfg: EvolveConfig, in_chans: int, image_size: int):
-    from slimkit.data import digits, image_dir
-
-    if cfg.data == "digits":
-        train = digits("train", image_size=image_size, in_chans=in_chans, seed=0)
-        test = digits("test", image_size=image_size, in_chans=in_chans, seed=0)
-    else:
-        shape = (in_chans, image_size, image_size)
-        train, test = image_dir(cfg.data, shape, "train", augment=True), image_dir(cfg.data, shape, "test")
-    if cfg.train_per_class is not None:
-        train = _per_class_subset(train, cfg.train_per_class, cfg.train.seed)
-    return train, test
-
-
-def _per_class_subset(ds, k: int, seed: int):
-    labels = labels_of(ds)
-    g = torch.Generator().manual_seed(seed)
-    idx = []
-    for c in labels.unique():
-        members = torch.nonzero(labels == c).flatten()
-        idx += members[torch.randperm(len(members), generator=g)[:k]].tolist()
-    return torch.utils.data.Subset(ds, sorted(idx))
-
-
-def _shift_augment(x: torch.Tensor) -> torch.Tensor:
-    """Random shifts of up to 1/8 of the image: the light augmentation for small digit images."""
-    s = max(1, x.shape[-1] // 8)
-    dx, dy = torch.randint(-s, s + 1, (2,)).tolist()
-    return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-
-
 def _model_kwargs(cfg: EvolveConfig) -> dict[str, Any]:
-    """Input-related constructor arguments, for the small nets that take them."""
-    params = model_params(cfg.arch)
-    kwargs: dict[str, Any] = {}
-    if "in_chans" in params:
-        kwargs.update(in_chans=1 if cfg.data == "digits" else 3)
-    if "image_size" in params:
-        kwargs.update(image_size=cfg.image_size)
-    return kwargs
+    return input_kwargs(cfg.arch, cfg.data, cfg.image_size)
 
 
 def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
     return create_model(cfg.arch, num_classes=num_classes, **_model_kwargs(cfg))
-
-
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group). Launched by torchrun: WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
 
 
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
@@ -156,7 +98,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
     evaluates and writes every file.
     """
-    rank, world, created = _distributed()
+    rank, world, created = distributed()
     try:
         return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
                        _stop_after_epochs, rank, world)
@@ -170,37 +112,21 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
             _stop_after_epochs: int | None, rank: int, world: int) -> list[dict[str, Any]]:
     main = rank == 0
-    state_path, cfg_path, metrics = out / "state.pt", out / "config.json", out / "metrics.jsonl"
-    if resume:
-        if not cfg_path.is_file() or not state_path.is_file():
-            raise SlimkitError(f"cannot resume: {out} holds no evolve run (config.json and state.pt)")
-        saved = json.loads(cfg_path.read_text())
-        now = cfg.to_json()
-        diff = [k for k in now if saved.get(k) != now[k]]
-        if diff:
-            k = diff[0]
-            raise SlimkitError(f"cannot resume {out}: it was run with {k}={saved.get(k)!r}, now {k}={now[k]!r}; "
-                               "resume with the same settings or choose a new --out")
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise SlimkitError(f"output directory {out} is not empty; use --resume {out} to continue it or choose a new --out")
-        if not out.parent.is_dir():
-            raise SlimkitError(f"cannot create {out}: directory {out.parent} does not exist")
-
-    if world > 1:  # every rank has checked the directory before rank 0 writes into it
-        import torch.distributed as dist
-
-        dist.barrier()
+    state_path, metrics = out / "state.pt", out / "metrics.jsonl"
+    check_run_dir(out, cfg.to_json(), resume, "evolve")
+    barrier(world)  # every rank has checked the directory before rank 0 writes into it
+    if main and not resume:
+        start_run_dir(out, cfg.to_json())
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
-    train, test = _datasets(cfg, in_shape[0], in_shape[1])
-    num_classes = int(labels_of(test).max()) + 1
+    train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
+    num_classes = num_classes_of(train, test)
     model = _build(cfg, num_classes)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)
     plan = kels_plan(graph, cfg.split_rate, cfg.round_to) if cfg.split_mode == "kels" else None
     masks = plan_masks(graph, plan) if plan is not None else wels_masks(model, cfg.split_rate, seed=cfg.train.seed)
     del graph
-    augment = _shift_augment if cfg.data == "digits" else None
+    augment = shift_augment if cfg.data == "digits" else None
     tc = cfg.train
 
     gen, epoch_done, opt_state, records = 1, 0, None, []
@@ -208,18 +134,10 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         st = torch.load(state_path, map_location="cpu", weights_only=True)
         model.load_state_dict(st["model"])
         gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
-        logged = [json.loads(line) for line in metrics.read_text().splitlines()]
-        records = [r for r in logged if r.get("kind") == "generation" and r["generation"] < gen]
+        records = [r for r in read_records(metrics) if r.get("kind") == "generation" and r["generation"] < gen]
         echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
-    elif main:
-        out.mkdir(exist_ok=True)
-        cfg_path.write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
 
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
+    net = ddp(model, world)
     epochs_run = 0
     while gen <= cfg.generations:
         t0 = time.perf_counter()
@@ -242,7 +160,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == tc.epochs:
                 record.update(dense_acc=accuracy(model, test),
                               fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test))
-            _log(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
+            log_record(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
             if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
@@ -266,7 +184,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
              provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
         rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
                "seconds": time.perf_counter() - t0}
-        _log(metrics, rec)
+        log_record(metrics, rec)
         records.append(rec)
         echo(f"generation {gen}/{cfg.generations}: dense {100 * dense_acc:.2f}%  fit hypothesis "
              f"({cfg.split_mode.upper()} {cfg.split_rate:g}) {100 * fit_acc:.2f}%  [{rec['seconds']:.1f} s]")

@@ -69,8 +69,13 @@ def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimizer, cfg: TrainConfig,
                     generation: int, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    progress: bool = False, device: str = "cpu") -> dict[str, float]:
-    """One epoch of SGD; returns mean loss, train accuracy and the last learning rate."""
+                    progress: bool = False, device: str = "cpu", desc: str | None = None,
+                    extra_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """One epoch of SGD; returns mean loss, train accuracy and the last learning rate.
+
+    ``extra_loss`` (e.g. merging's gate penalty) is added to every step's task loss. A parameter
+    group with an ``lr_scale`` follows the schedule scaled by it.
+    """
     seed = epoch_seed(cfg.seed, generation, epoch)
     torch.manual_seed(seed)  # augmentation draws from the global generator
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -90,12 +95,13 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=f"gen {generation} epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+        it = tqdm(loader, desc=f"{desc or f'gen {generation}'} epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                  unit="batch")
     for i, (x, y) in enumerate(it):
         step = epoch * len(loader) + i
         lr = lr_at(cfg, step, len(loader))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         x, y = x.to(device), y.to(device)
         if augment is not None:
             x = augment(x)
@@ -108,6 +114,8 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
                 x2 = augment(x2)
             logits, logits2 = model(torch.cat([x, x2])).split(len(y))
             loss = F.cross_entropy(logits, y) + cskd_term(logits, logits2.detach())
+        if extra_loss is not None:
+            loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -144,3 +152,29 @@ class _ClassPairs:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """A fresh SGD optimizer: KE starts every generation with new momentum buffers."""
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Optimizers:
+    """Several optimizers stepped as one (merging: SGD for weights, Adam for gates)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): o.state_dict() for i, o in enumerate(self.optimizers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, o in enumerate(self.optimizers):
+            o.load_state_dict(state[str(i)])

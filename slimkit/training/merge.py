@@ -1,0 +1,286 @@
+"""Merging two teachers into one network of their size: `slimkit merge` (Pasen & Boza, arXiv 2204.09973).
+
+1. big student = the teachers concatenated (slimkit/merge.py); its logits are the mean of theirs;
+2. importance learning: hard-concrete L0 gates on every channel group, loss = task loss +
+   lambda * sum_groups (1/2 - mean P(gate open))^2, lambda += step * sqrt(lambda) after every epoch;
+   weights train with SGD, gates with Adam in their own group (no weight decay);
+3. compression: per group keep the half with the largest log alpha (a KeepPlan) and cut with the one
+   surgery, giving exactly the teachers' architecture;
+4. fine-tuning with the normal loop.
+
+The run directory holds big.pt, compressed.pt, last.pt (fine-tuned), metrics.jsonl, summary.md,
+gates.png (open-gate fraction per layer over the gate epochs), curves.png, and state.pt for --resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimkit.errors import SlimkitError
+from slimkit.evaluate import accuracy
+from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer
+from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, load_state, log_record,
+                                   num_classes_of, process_group, read_records, run_epochs, save_state,
+                                   shift_augment, start_run_dir)
+
+__all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
+
+
+@dataclasses.dataclass
+class MergeConfig:
+    data: str = "digits"  # "digits" (bundled) or a dataset directory, as the teachers were trained on
+    train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    subset_seed: int = 0  # the subset the teachers saw (slimkit train --subset-seed)
+    gate: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=30))
+    finetune: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=30, lr=0.01, warmup_epochs=1))
+    gate_lr: float = 0.05  # Adam learning rate of log alpha (follows the weights' schedule shape)
+    lambda_init: float = 1.0  # weight of the half-open penalty in the first gate epoch
+    lambda_step: float = 1.0  # after every gate epoch: lambda += lambda_step * sqrt(lambda)
+    eval_every: int = 1
+
+    def __post_init__(self):
+        for name in ("gate", "finetune"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, TrainConfig(**getattr(self, name)))
+        if self.train_per_class is not None and int(self.train_per_class) < 1:
+            raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
+        for name in ("gate_lr", "lambda_init"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise SlimkitError(f"{name} must be a positive number, got {v!r}")
+        if not (self.lambda_step >= 0 and math.isfinite(self.lambda_step)):
+            raise SlimkitError(f"lambda_step must be a non-negative number, got {self.lambda_step!r}")
+        if int(self.eval_every) < 1:
+            raise SlimkitError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@torch.inference_mode()
+def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy of the mean of the models' logits."""
+    from torch.utils.data import DataLoader
+
+    for m in models:
+        m.eval()
+    correct = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        logits = sum(m(x) for m in models) / len(models)
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _read_teachers(paths: list[str | Path], arch: str | None, num_classes: int | None):
+    from slimkit.checkpoint import read
+
+    if len(paths) != 2:
+        raise SlimkitError(f"merge takes exactly two teacher checkpoints, got {len(paths)}")
+    if Path(paths[0]).resolve() == Path(paths[1]).resolve():
+        raise SlimkitError(f"both teachers are {paths[0]}; merging needs two independently trained networks")
+    loaded = [read(p, arch=arch, num_classes=num_classes) for p in paths]
+    specs = [ld.model.slimkit_spec for ld in loaded]
+    a, b = specs
+    if a.arch != b.arch:
+        raise SlimkitError(f"the teachers have different architectures: {paths[0]} is {a.arch}, {paths[1]} is {b.arch}")
+    ca, cb = a.args.get("num_classes"), b.args.get("num_classes")
+    if ca != cb:
+        raise SlimkitError(f"the teachers have different class counts: {paths[0]} has {ca}, {paths[1]} has {cb}")
+    if a.input_shape != b.input_shape or a.args != b.args:
+        what = f"input shapes {list(a.input_shape)} vs {list(b.input_shape)}" if a.input_shape != b.input_shape \
+            else f"constructor arguments {a.args} vs {b.args}"
+        raise SlimkitError(f"the teachers differ in {what}; merging needs two networks of one architecture")
+    for ld in loaded:
+        if getattr(ld.model, "slimkit_plans", None) or getattr(ld.model, "slimkit_concat", 1) != 1:
+            raise SlimkitError(f"{ld.path} is a sliced or merged network; merging needs two dense teachers")
+    return loaded
+
+
+def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume: bool = False,
+          arch: str | None = None, num_classes: int | None = None, progress: bool = True,
+          echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Run (or resume) a merge; returns the summary record (accuracies and parameter counts)."""
+    with process_group() as (rank, world):
+        return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
+                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world)
+
+
+def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
+           stop: StopAfter, rank: int, world: int) -> dict[str, Any]:
+    from slimkit.checkpoint import save
+    from slimkit.merge import GatedStudent, compress, concat_teachers
+
+    main = rank == 0
+    loaded = _read_teachers(paths, arch, num_classes)  # bad teachers are refused before anything is written
+    config = {**cfg.to_json(), "teachers": [ld.sha256 for ld in loaded]}
+    check_run_dir(out, config, resume, "merge")
+    ta, tb = (ld.model for ld in loaded)
+    spec = ta.slimkit_spec
+    c, h = spec.input_shape[0], spec.input_shape[1]
+    train_ds, test = datasets(cfg.data, c, h, cfg.train_per_class, cfg.subset_seed)
+    classes = num_classes_of(train_ds, test)
+    if spec.args.get("num_classes") != classes:
+        raise SlimkitError(f"the teachers have {spec.args.get('num_classes')} classes but {cfg.data} has {classes}")
+    barrier(world)
+    if main and not resume:
+        start_run_dir(out, config)
+    augment = shift_augment if cfg.data == "digits" else None
+    metrics = out / "metrics.jsonl"
+
+    big = concat_teachers(ta, tb)
+    if not resume and main:
+        rec = {"kind": "teachers", "teacher_a": accuracy(ta, test), "teacher_b": accuracy(tb, test),
+               "ensemble": ensemble_accuracy([ta, tb], test), "big_student": accuracy(big, test),
+               "teacher_params": _params(ta), "big_params": _params(big),
+               "teacher_paths": [str(p) for p in paths]}
+        log_record(metrics, rec)
+        save(big, out / "big.pt", force=True, provenance={"recipe": "slimkit merge: concatenated teachers",
+                                                         "teachers": rec["teacher_paths"]})
+        echo(f"teachers {100 * rec['teacher_a']:.2f}% / {100 * rec['teacher_b']:.2f}%, ensemble "
+             f"{100 * rec['ensemble']:.2f}%, big student {100 * rec['big_student']:.2f}% "
+             f"({rec['big_params']:,} parameters)")
+
+    st = load_state(out) if resume else {"phase": "gates", "epochs_done": 0}
+    if resume:
+        echo(f"resuming {out} in the {st['phase']} phase at epoch {int(st['epochs_done']) + 1}")
+
+    # --- importance learning -----------------------------------------------------------------
+    torch.manual_seed(cfg.gate.seed)
+    gated = GatedStudent(big)
+    if st["phase"] == "gates":
+        net = ddp(gated, world)
+        weights = [p for n, p in gated.named_parameters() if not n.startswith("log_alpha")]
+        sgd = torch.optim.SGD(weights, lr=cfg.gate.lr, momentum=cfg.gate.momentum, weight_decay=cfg.gate.weight_decay)
+        adam = torch.optim.Adam(gated.log_alpha.parameters(), lr=cfg.gate_lr, weight_decay=0.0)
+        adam.param_groups[0]["lr_scale"] = cfg.gate_lr / cfg.gate.lr
+        opt = Optimizers(sgd, adam)
+        lam = [cfg.lambda_init]
+        if resume:
+            gated.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            lam = [float(st["lambda"])]
+
+        def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+            with torch.no_grad():
+                penalty = float(gated.penalty())
+            record.update(**{"lambda": lam[0]}, penalty=penalty,
+                          open_fraction=dict(zip(gated.group_names(), gated.open_fraction())),
+                          p_open=float(torch.cat([p.detach() for p in gated.p_open()]).mean()))
+            lam[0] += cfg.lambda_step * math.sqrt(lam[0])
+
+        finished = run_epochs(
+            net=net, model=gated, train=train_ds, test=test, opt=opt, cfg=cfg.gate, phase="gates",
+            start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+            augment=augment, extra_loss=lambda: lam[0] * gated.penalty(), on_epoch=on_epoch, stop=stop,
+            state=lambda done: {"phase": "gates", "epochs_done": done, "model": gated.state_dict(),
+                                "optimizer": opt.state_dict(), "lambda": lam[0]})
+        if not finished:
+            return {}
+        student, plan = compress(gated, ta)
+        if main:
+            rec = {"kind": "compressed", "gated": accuracy(gated, test), "compressed": accuracy(student, test),
+                   "params": _params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
+            log_record(metrics, rec)
+            save(student, out / "compressed.pt", force=True, merge_plan=plan.to_json(),
+                 provenance={"recipe": "slimkit merge: compressed student", "config": config})
+            echo(f"gated student {100 * rec['gated']:.2f}%, compressed to the teachers' size "
+                 f"{100 * rec['compressed']:.2f}% ({rec['params']:,} parameters)")
+            save_state(out, {"phase": "finetune", "epochs_done": 0, "model": student.state_dict()})
+        st = {"phase": "finetune", "epochs_done": 0}
+    else:
+        from slimkit.models import create_model
+
+        student = create_model(spec.arch, **spec.args)
+        student.load_state_dict(st["model"])
+
+    # --- fine-tuning -------------------------------------------------------------------------
+    net = ddp(student, world)
+    opt = make_optimizer(net, cfg.finetune)
+    if st.get("optimizer") is not None:
+        opt.load_state_dict(st["optimizer"])
+    finished = run_epochs(
+        net=net, model=student, train=train_ds, test=test, opt=opt, cfg=cfg.finetune, phase="finetune",
+        start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+        augment=augment, stop=stop,
+        state=lambda done: {"phase": "finetune", "epochs_done": done, "model": student.state_dict(),
+                            "optimizer": opt.state_dict()})
+    if not finished or not main:
+        return {}
+    acc = accuracy(student, test)
+    save(student, out / "last.pt", force=True, metrics={"test_acc": acc},
+         data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0},
+         provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
+    records = read_records(metrics)
+    summary = _summary(out, cfg, spec.arch, records, acc, _params(student))
+    echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "
+         f"{100 * summary['teacher_b']:.2f}%)  -> {out / 'last.pt'}")
+    return summary
+
+
+def _summary(out: Path, cfg: MergeConfig, arch: str, records: list[dict[str, Any]], final: float,
+             params: int) -> dict[str, Any]:
+    from slimkit.training.train import plot_curves
+
+    t = next(r for r in records if r["kind"] == "teachers")
+    comp = next(r for r in records if r["kind"] == "compressed")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    rows = [("teacher A", t["teacher_a"], t["teacher_params"]), ("teacher B", t["teacher_b"], t["teacher_params"]),
+            ("ensemble of A and B (mean logits)", t["ensemble"], 2 * t["teacher_params"]),
+            ("big student (concatenated, untrained)", t["big_student"], t["big_params"]),
+            (f"gated big student after {cfg.gate.epochs} gate epochs", comp["gated"], t["big_params"]),
+            ("compressed (half of every group kept)", comp["compressed"], comp["params"]),
+            (f"merged student, fine-tuned {cfg.finetune.epochs} epochs", final, params)]
+    lines = [f"# Merging two {arch} teachers on {cfg.data}", "",
+             f"gates: {cfg.gate.epochs} epochs, lr {cfg.gate.lr:g}, gate lr {cfg.gate_lr:g} (Adam), "
+             f"lambda {cfg.lambda_init:g} += {cfg.lambda_step:g}*sqrt(lambda) per epoch; fine-tune: "
+             f"{cfg.finetune.epochs} epochs, lr {cfg.finetune.lr:g}"
+             + (f"; {cfg.train_per_class} training images per class" if cfg.train_per_class else ""), "",
+             "| network | test accuracy | parameters |", "|---|---:|---:|"]
+    lines += [f"| {name} | {100 * acc:.2f}% | {p:,} |" for name, acc, p in rows]
+    better = max(t["teacher_a"], t["teacher_b"])
+    verdict = "beats" if final > better else ("ties" if final == better else "does not beat")
+    lines += ["", f"The merged student {verdict} the better teacher ({100 * final:.2f}% vs {100 * better:.2f}%)."]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    gate_epochs = [r for r in epochs if r.get("phase") == "gates"]
+    if gate_epochs:
+        plot_gates(out / "gates.png", gate_epochs)
+    plot_curves(out / "curves.png", epochs, title=f"merging two {arch}")
+    return {"teacher_a": t["teacher_a"], "teacher_b": t["teacher_b"], "ensemble": t["ensemble"],
+            "big_student": t["big_student"], "gated": comp["gated"], "compressed": comp["compressed"],
+            "merged": final, "params": params, "teacher_params": t["teacher_params"]}
+
+
+def plot_gates(path: Path, gate_epochs: list[dict[str, Any]]) -> None:
+    """Fraction of open (non-zero eval) gates per gated layer group against gate epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(gate_epochs[0]["open_fraction"])
+    x = [r["epoch"] for r in gate_epochs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("viridis")
+    for i, n in enumerate(names):
+        ax.plot(x, [r["open_fraction"][n] for r in gate_epochs], color=cmap(i / max(len(names) - 1, 1)),
+                lw=1, label=n if len(names) <= 12 else None)
+    ax.plot(x, [r["p_open"] for r in gate_epochs], "k--", lw=2, label="mean P(gate open)")
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("gate epoch")
+    ax.set_ylabel("fraction of gates open")
+    ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

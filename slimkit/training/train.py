@@ -1,0 +1,133 @@
+"""Plain training from scratch: `slimkit train` (the teachers that merging starts from).
+
+The same loop, data and run directory as evolve: ``last.pt`` (a self-describing checkpoint),
+``metrics.jsonl``, ``summary.md``, ``curves.png``, ``state.pt`` for --resume, DDP under torchrun.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from slimkit.errors import SlimkitError
+from slimkit.evaluate import accuracy
+from slimkit.models import create_model, input_shape_of
+from slimkit.training.loop import TrainConfig, make_optimizer
+from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, input_kwargs, load_state,
+                                   num_classes_of, process_group, read_records, run_epochs, shift_augment,
+                                   start_run_dir)
+
+__all__ = ["TrainRunConfig", "train", "plot_curves"]
+
+
+@dataclasses.dataclass
+class TrainRunConfig:
+    arch: str = "cifar_resnet"  # registry name
+    data: str = "digits"  # "digits" (bundled) or a dataset directory
+    image_size: int = 16  # digits are resized to this (small nets)
+    train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
+    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.train_per_class is not None and int(self.train_per_class) < 1:
+            raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
+        if int(self.eval_every) < 1:
+            raise SlimkitError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        if int(self.image_size) < 4:
+            raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
+          echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params)."""
+    with process_group() as (rank, world):
+        return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
+                      StopAfter(_stop_after_epochs), rank, world)
+
+
+def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
+           rank: int, world: int) -> dict[str, Any]:
+    main = rank == 0
+    check_run_dir(out, cfg.to_json(), resume, "train")
+    barrier(world)
+    if main and not resume:
+        start_run_dir(out, cfg.to_json())
+    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
+    shape = input_shape_of(cfg.arch, **kwargs)
+    train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
+    model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test), **kwargs)
+    net = ddp(model, world)
+    opt = make_optimizer(net, cfg.train)
+    start = 0
+    if resume:
+        st = load_state(out)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        start = int(st["epochs_done"])
+        echo(f"resuming {out} at epoch {start + 1}")
+    finished = run_epochs(
+        net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
+        out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+        augment=shift_augment if cfg.data == "digits" else None, stop=stop,
+        state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
+    if not finished or not main:
+        return {}
+    acc = accuracy(model, test)
+    from slimkit.checkpoint import save
+
+    save(model, out / "last.pt", force=True,
+         metrics={"test_acc": acc, "epochs": cfg.train.epochs},
+         data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+               "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed},
+         provenance={"recipe": "slimkit train", "config": cfg.to_json()})
+    params = sum(p.numel() for p in model.parameters())
+    records = [r for r in read_records(out / "metrics.jsonl") if r.get("kind") == "epoch"]
+    (out / "summary.md").write_text(
+        f"# {cfg.arch} trained on {cfg.data}\n\n"
+        f"{cfg.train.epochs} epochs, loss {cfg.train.loss}, lr {cfg.train.lr:g}, seed {cfg.train.seed}"
+        + (f", {cfg.train_per_class} training images per class (subset seed {cfg.subset_seed})" if cfg.train_per_class else "")
+        + f"\n\n| test accuracy | parameters |\n|---:|---:|\n| {100 * acc:.2f}% | {params:,} |\n")
+    plot_curves(out / "curves.png", records, title=f"{cfg.arch} on {cfg.data}")
+    echo(f"trained {cfg.arch} for {cfg.train.epochs} epochs: test accuracy {100 * acc:.2f}%  -> {out / 'last.pt'}")
+    return {"test_acc": acc, "params": params}
+
+
+def plot_curves(path: Path, records: list[dict[str, Any]], title: str = "") -> None:
+    """Training loss and test accuracy against epoch (one line per phase)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    phases = list(dict.fromkeys(r.get("phase", "train") for r in records))
+    offset = 0
+    for ph in phases:
+        rs = [r for r in records if r.get("phase", "train") == ph]
+        ax1.plot([offset + r["epoch"] for r in rs], [r["loss"] for r in rs], label=ph)
+        ev = [r for r in rs if "test_acc" in r]
+        ax2.plot([offset + r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], marker=".", label=ph)
+        offset += max((r["epoch"] for r in rs), default=0)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if len(phases) > 1:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
