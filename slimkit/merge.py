@@ -220,6 +220,8 @@ class GatedStudent(nn.Module):
 
     def _hook(self, gi: int, index: torch.Tensor):
         def apply(module, inputs, output):
+            if self._z is None:  # the bare network called directly, outside the GatedStudent: ungated
+                return output
             z = self._z[gi][index.to(output.device)]
             return output * z.view(1, -1, *([1] * (output.dim() - 2)))
         return apply

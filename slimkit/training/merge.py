@@ -215,7 +215,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     finished = run_epochs(
         net=net, model=student, train=train_ds, test=test, opt=opt, cfg=cfg.finetune, phase="finetune",
         start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
-        augment=augment, stop=stop,
+        augment=augment, stop=stop, generation=2,  # its own per-epoch seeds, not the gate phase's
         state=lambda done: {"phase": "finetune", "epochs_done": done, "model": student.state_dict(),
                             "optimizer": opt.state_dict()})
     if not finished or not main:
