@@ -241,6 +241,12 @@ def test_merge_resume_equals_uninterrupted(teachers, tmp_path, stop):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_refuses_missing_data_without_writing(cli, tmp_path):
+    r = cli("train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+    assert r.code == 2 and "does not exist" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
 def test_train_resume_equals_uninterrupted(tmp_path):
     train(_train_cfg(3), tmp_path / "full", progress=False, echo=lambda s: None)
     train(_train_cfg(3), tmp_path / "cut", progress=False, echo=lambda s: None, _stop_after_epochs=1)

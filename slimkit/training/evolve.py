@@ -28,7 +28,7 @@ from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
-from slimkit.training.runs import (barrier, datasets, ddp, distributed, input_kwargs, log_record, num_classes_of,
+from slimkit.training.runs import (barrier, datasets, ddp, process_group, input_kwargs, log_record, num_classes_of,
                                    check_run_dir, read_records, shift_augment, start_run_dir)
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
@@ -98,15 +98,9 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
     evaluates and writes every file.
     """
-    rank, world, created = distributed()
-    try:
+    with process_group() as (rank, world):
         return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
                        _stop_after_epochs, rank, world)
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
@@ -114,12 +108,12 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     main = rank == 0
     state_path, metrics = out / "state.pt", out / "metrics.jsonl"
     check_run_dir(out, cfg.to_json(), resume, "evolve")
-    barrier(world)  # every rank has checked the directory before rank 0 writes into it
-    if main and not resume:
-        start_run_dir(out, cfg.to_json())
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
     num_classes = num_classes_of(train, test)
+    barrier(world)  # every rank has checked the directory and the data before rank 0 writes
+    if main and not resume:
+        start_run_dir(out, cfg.to_json())
     model = _build(cfg, num_classes)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)

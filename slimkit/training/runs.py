@@ -161,12 +161,16 @@ def quiet_unless(main: bool, echo: Callable[[str], None]) -> Callable[[str], Non
 def process_group() -> Iterator[tuple[int, int]]:
     """(rank, world): joins torchrun's process group when launched by it, and leaves it after."""
     rank, world, created = distributed()
+    ok = False
     try:
         yield rank, world
+        ok = True
     finally:
         if created:
             import torch.distributed as dist
 
+            if ok:  # ranks > 0 finish first: let rank 0 finish writing before anyone tears gloo down
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -58,14 +58,14 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
            rank: int, world: int) -> dict[str, Any]:
     main = rank == 0
     check_run_dir(out, cfg.to_json(), resume, "train")
-    barrier(world)
-    if main and not resume:
-        start_run_dir(out, cfg.to_json())
     kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
     shape = input_shape_of(cfg.arch, **kwargs)
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
     model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test), **kwargs)
+    barrier(world)  # every rank has checked the directory and the data before rank 0 writes
+    if main and not resume:
+        start_run_dir(out, cfg.to_json())
     net = ddp(model, world)
     opt = make_optimizer(net, cfg.train)
     start = 0
