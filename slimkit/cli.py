@@ -162,6 +162,41 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_den(args: argparse.Namespace) -> int:
+    from slimkit.training.den import DENConfig, run_den
+
+    hidden = (312, 128)
+    if args.arch != "mlp":
+        if not args.arch.startswith("mlp:"):
+            raise SystemExit(_fail("den", f"--arch must be mlp or mlp:W1,W2,... (hidden widths), got {args.arch!r}"))
+        try:
+            hidden = tuple(int(w) for w in args.arch[4:].split(","))
+        except ValueError:
+            raise SystemExit(_fail("den", f"--arch mlp:W1,W2,... needs integer widths, got {args.arch!r}")) from None
+    baselines = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
+    cfg = DENConfig(data=args.data, tasks=args.tasks, hidden=hidden, image_size=args.image_size, epochs=args.epochs,
+                    lr=args.lr, batch_size=args.batch_size, l1=args.l1, l2=args.l2, tau=args.tau, k=args.k,
+                    group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
+                    seed=args.seed)
+    if args.out is None:
+        raise SystemExit(_fail("den", "give --out DIR for the run"))
+    run_den(cfg, args.out, progress=sys.stderr.isatty())
+    print(f"wrote {args.out}/summary.md, den.png, results.json, metrics.jsonl and task*.pt")
+    return 0
+
+
+def _nonneg_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+    return v
+
+
 def _fail(verb: str, msg: str) -> int:
     sys.stderr.write(f"slimkit {verb}: error: {msg}\n")
     return 2
@@ -353,6 +388,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--subset-seed", type=int, default=0, help="the --train-per-class subset the teachers were trained on")
     _run_args(g)
     g.set_defaults(func=_cmd_merge, batch_size=32)
+
+    d = sub.add_parser(
+        "den", help="lifelong learning with Dynamically Expandable Networks, against the paper's baselines",
+        description="Learn a sequence of tasks with DEN (selective retraining, expansion with group sparsity, "
+        "split/duplication, timestamped inference) and, on the same tasks, the baselines DNN, DNN-L2, EWC, "
+        "DNN-STL and DNN-MTL. Writes task*.pt, metrics.jsonl, results.json, summary.md (accuracy matrix, "
+        "forgetting, capacity, units selected/added/pruned/duplicated) and den.png.",
+    )
+    d.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/)")
+    d.add_argument("--tasks", default="split", help="split[:N] | onevsrest[:N] | permuted:N (default split: 5 tasks of 2 classes)")
+    d.add_argument("--arch", default="mlp", help="mlp (312-128) or mlp:W1,W2,... hidden widths")
+    d.add_argument("--image-size", type=_positive_int, default=8)
+    d.add_argument("--epochs", type=_positive_int, default=30, help="epochs per task and phase")
+    d.add_argument("--lr", type=_positive_float, default=0.05)
+    d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--l1", type=_nonneg_float, default=1e-3, help="mu: L1 (proximal) on task 1, new heads and new units")
+    d.add_argument("--l2", type=_nonneg_float, default=1e-4, help="L2 of selective retraining")
+    d.add_argument("--tau", type=_nonneg_float, default=0.05, help="expand when the task loss stays above tau")
+    d.add_argument("-k", "--k", type=_positive_int, default=10, help="units added per hidden layer on expansion")
+    d.add_argument("--group-lasso", type=_nonneg_float, default=0.05, help="gamma: group lasso on new units' incoming weights")
+    d.add_argument("--drift-lambda", type=_nonneg_float, default=0.1, help="lambda of ||W^t - W^(t-1)||^2 before the split")
+    d.add_argument("--sigma", type=_nonneg_float, default=0.5, help="duplicate units whose drift exceeds sigma")
+    d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
+                   help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", help="new run directory (must be empty or absent)")
+    d.set_defaults(func=_cmd_den)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")
     m.set_defaults(func=_cmd_models)

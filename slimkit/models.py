@@ -239,3 +239,46 @@ class MLP(nn.Module):
 @register_model("mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
 def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (312, 128), in_chans: int = 1, image_size: int = 8) -> nn.Module:
     return MLP(in_chans * image_size * image_size, tuple(hidden), num_classes)
+
+
+class DENNet(nn.Module):
+    """A multi-task MLP whose hidden units carry timestamps (Dynamically Expandable Networks).
+
+    ``hidden[l]`` is a Linear layer whose output units are layer l's units; ``stamp{l}`` records the
+    task (1-based) at which each unit was added. ``forward(x, task)`` is timestamped inference:
+    units added after ``task`` are silenced and head ``task`` answers. ``forward(x)`` runs every
+    unit and concatenates all heads (what tracing and surgery see).
+    """
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], heads: tuple[int, ...]):
+        super().__init__()
+        self.hidden = nn.ModuleList()
+        cin = in_features
+        for i, h in enumerate(hidden):
+            self.hidden.append(nn.Linear(cin, h))
+            self.register_buffer(f"stamp{i}", torch.ones(h, dtype=torch.long))
+            cin = h
+        self.heads = nn.ModuleList(nn.Linear(cin, n) for n in heads)
+
+    def stamps(self) -> list[torch.Tensor]:
+        return [getattr(self, f"stamp{i}") for i in range(len(self.hidden))]
+
+    def features(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        h = x.flatten(1)
+        for i, layer in enumerate(self.hidden):
+            h = torch.relu(layer(h))
+            if task is not None:
+                h = h * (getattr(self, f"stamp{i}") <= task).to(h.dtype)
+        return h
+
+    def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        h = self.features(x, task)
+        if task is None:
+            return torch.cat([head(h) for head in self.heads], 1)
+        return self.heads[task - 1](h)
+
+
+@register_model("den_mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
+def den_mlp(hidden: tuple[int, ...] = (312, 128), heads: tuple[int, ...] = (2,), in_chans: int = 1,
+            image_size: int = 8) -> nn.Module:
+    return DENNet(in_chans * image_size * image_size, tuple(hidden), tuple(heads))

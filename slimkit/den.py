@@ -1,0 +1,366 @@
+"""Dynamically Expandable Networks (Yoon et al., ICLR 2018): the steps, on a :class:`DENNet`.
+
+Each step is a function of the network and one task's data, so each is tested on its own:
+
+- :func:`select_units`: from the units task t's (sparse) head reads, breadth-first down through
+  non-zero weights: the subnetwork S that selective retraining may change;
+- :func:`grow`: k new units per hidden layer, timestamped t;
+- :func:`remove_units`: physically remove units through a KeepPlan and the one surgery;
+- :func:`drift` and :func:`split_units`: units whose incoming weights moved more than sigma are
+  duplicated; the old copy gets its task-(t-1) weights back, the copy keeps the new ones;
+- :func:`fit`: SGD on chosen weight entries only (gradient masks) with the penalties the steps use:
+  L1 and group lasso as proximal steps (so they reach exact zeros), L2, and L2 to reference weights.
+
+Old units always keep their row index: new units are appended, and removal only ever drops
+units added in the current task, so a snapshot of task t-1 compares by slicing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from slimkit.errors import SlimkitError
+from slimkit.models import DENNet, ModelSpec
+from slimkit.plan import KeepPlan
+
+__all__ = ["refresh_spec", "add_head", "select_units", "grow", "remove_units", "snapshot", "drift",
+           "split_units", "new_unit_masks", "selected_masks", "fit", "FitPenalties", "dead_units", "widths",
+           "count_params"]
+
+
+def widths(net: DENNet) -> list[int]:
+    return [layer.out_features for layer in net.hidden]
+
+
+def count_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def refresh_spec(net: DENNet) -> DENNet:
+    """Record the current widths and heads in the network's ModelSpec (so checkpoints rebuild it)."""
+    old = net.slimkit_spec
+    args = {**old.args, "hidden": tuple(widths(net)), "heads": tuple(h.out_features for h in net.heads)}
+    net.slimkit_spec = ModelSpec(old.arch, args, old.input_shape)
+    net.slimkit_plans = []
+    return net
+
+
+def add_head(net: DENNet, n_out: int, generator: torch.Generator | None = None) -> int:
+    """A new output head for the next task; returns its task number (1-based)."""
+    head = nn.Linear(net.hidden[-1].out_features, n_out)
+    if generator is not None:
+        _default_init(head, generator)
+    net.heads.append(head)
+    refresh_spec(net)
+    return len(net.heads)
+
+
+def _default_init(layer: nn.Linear, generator: torch.Generator, rows: slice | None = None) -> None:
+    """PyTorch's default Linear init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), seeded."""
+    with torch.no_grad():
+        w = torch.empty_like(layer.weight)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        bound = 1 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0
+        b = torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator)
+        if rows is None:
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        else:
+            layer.weight[rows] = w[rows]
+            layer.bias[rows] = b[rows]
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def select_units(net: DENNet, task: int) -> list[list[int]]:
+    """Units per hidden layer reachable from head ``task`` through non-zero weights (breadth-first)."""
+    n = len(net.hidden)
+    selected: list[list[int]] = [[] for _ in range(n)]
+    frontier = torch.nonzero(net.heads[task - 1].weight.ne(0).any(0)).flatten()
+    for layer in range(n - 1, -1, -1):
+        selected[layer] = sorted(frontier.tolist())
+        if layer == 0:
+            break
+        w = net.hidden[layer].weight  # rows: units of `layer`, columns: units of `layer - 1`
+        frontier = torch.nonzero(w[frontier].ne(0).any(0)).flatten() if len(frontier) else frontier
+    return selected
+
+
+def selected_masks(net: DENNet, selected: list[list[int]], task: int) -> dict[str, torch.Tensor | None]:
+    """Gradient masks of W_S: rows of selected units x columns of the selected units below (all inputs
+    for the first layer), their biases, and the whole head ``task``."""
+    masks: dict[str, torch.Tensor | None] = {}
+    for i, layer in enumerate(net.hidden):
+        rows = torch.zeros(layer.out_features, dtype=torch.bool)
+        rows[selected[i]] = True
+        cols = torch.ones(layer.in_features, dtype=torch.bool)
+        if i > 0:
+            cols = torch.zeros(layer.in_features, dtype=torch.bool)
+            cols[selected[i - 1]] = True
+        masks[f"hidden.{i}.weight"] = rows[:, None] & cols[None, :]
+        masks[f"hidden.{i}.bias"] = rows
+    masks[f"heads.{task - 1}.weight"] = None
+    masks[f"heads.{task - 1}.bias"] = None
+    return masks
+
+
+def new_unit_masks(net: DENNet, task: int) -> dict[str, torch.Tensor | None]:
+    """Gradient masks of the units stamped ``task``: their incoming rows and biases, the columns that
+    read them in the next layer, and the whole head ``task``. Nothing an earlier task uses changes."""
+    masks: dict[str, torch.Tensor | None] = {}
+    stamps = net.stamps()
+    for i, layer in enumerate(net.hidden):
+        rows = stamps[i] == task
+        m = rows[:, None].expand(-1, layer.in_features).clone()
+        if i > 0:
+            m |= (stamps[i - 1] == task)[None, :]
+        masks[f"hidden.{i}.weight"] = m
+        masks[f"hidden.{i}.bias"] = rows.clone()
+    masks[f"heads.{task - 1}.weight"] = None
+    masks[f"heads.{task - 1}.bias"] = None
+    return masks
+
+
+# --- growth and removal ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def _widen_layer(layer: nn.Linear, add_out: int, add_in: int) -> nn.Linear:
+    new = nn.Linear(layer.in_features + add_in, layer.out_features + add_out)
+    new.weight.zero_()
+    new.bias.zero_()
+    new.weight[: layer.out_features, : layer.in_features] = layer.weight
+    new.bias[: layer.out_features] = layer.bias
+    return new
+
+
+@torch.no_grad()
+def grow(net: DENNet, k: int, task: int, generator: torch.Generator) -> list[list[int]]:
+    """Add ``k`` units to every hidden layer, stamped ``task``; returns their indices per layer.
+
+    New incoming rows get PyTorch's default init; the columns reading new units start at zero
+    except in head ``task`` and in the new units of the next layer, which start like the rows."""
+    if k < 1:
+        raise SlimkitError(f"k (units added per layer) must be a positive integer, got {k!r}")
+    added = []
+    for i in range(len(net.hidden)):
+        old = net.hidden[i]
+        add_in = k if i > 0 else 0
+        new = _widen_layer(old, k, add_in)
+        fresh = nn.Linear(new.in_features, new.out_features)
+        _default_init(fresh, generator)
+        new.weight[old.out_features:] = fresh.weight[old.out_features:]
+        new.bias[old.out_features:] = fresh.bias[old.out_features:]
+        net.hidden[i] = new
+        stamp = getattr(net, f"stamp{i}")
+        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((k,), task, dtype=torch.long)]))
+        added.append(list(range(old.out_features, new.out_features)))
+    for j, head in enumerate(net.heads):
+        new = _widen_layer(head, 0, k)
+        if j == task - 1:
+            fresh = nn.Linear(new.in_features, new.out_features)
+            _default_init(fresh, generator)
+            new.weight[:, head.in_features:] = fresh.weight[:, head.in_features:]
+        net.heads[j] = new
+    refresh_spec(net)
+    return added
+
+
+@torch.no_grad()
+def dead_units(net: DENNet, task: int) -> list[list[int]]:
+    """Units stamped ``task`` whose incoming weights are all exactly zero (group lasso removed them)."""
+    out = []
+    for i, layer in enumerate(net.hidden):
+        mine = net.stamps()[i] == task
+        zero = layer.weight.ne(0).sum(1) == 0
+        out.append(torch.nonzero(mine & zero).flatten().tolist())
+    return out
+
+
+def remove_units(net: DENNet, drop: list[list[int]]) -> DENNet:
+    """Physically remove units (per hidden layer) with a KeepPlan and the one surgery; in place.
+
+    Refuses to empty a layer. Timestamps follow their units."""
+    from slimkit.graph import ChannelGraph
+    from slimkit.surgery import cut
+
+    keep = {}
+    for i, layer in enumerate(net.hidden):
+        gone = set(drop[i])
+        if not gone:
+            continue
+        kept = tuple(j for j in range(layer.out_features) if j not in gone)
+        if not kept:
+            raise SlimkitError(f"removing {len(gone)} units would empty hidden layer {i}")
+        keep[f"hidden.{i}"] = kept
+    if not keep:
+        return net
+    stamps = {name: getattr(net, f"stamp{name.split('.')[1]}") for name in keep}
+    cut(ChannelGraph(net, net.slimkit_spec.input_shape), KeepPlan(keep, origin="den: units with zero group norm"))
+    for name, kept in keep.items():
+        i = int(name.split(".")[1])
+        setattr(net, f"stamp{i}", stamps[name][list(kept)].clone())
+    return refresh_spec(net)
+
+
+# --- drift and split --------------------------------------------------------------------------------
+
+def snapshot(net: DENNet) -> dict[str, torch.Tensor]:
+    """The hidden layers' weights and biases now (W^{t-1} before task t)."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith("hidden.")}
+
+
+@torch.no_grad()
+def drift(net: DENNet, snap: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Per hidden layer, rho_i = ||w_i^t - w_i^{t-1}||_2 of each unit that existed in ``snap``
+    (incoming weights from the units that existed then, and the bias)."""
+    out = []
+    for i, layer in enumerate(net.hidden):
+        w0, b0 = snap[f"hidden.{i}.weight"], snap[f"hidden.{i}.bias"]
+        n, m = w0.shape
+        dw = layer.weight[:n, :m] - w0
+        db = layer.bias[:n] - b0
+        out.append(torch.sqrt((dw ** 2).sum(1) + db ** 2))
+    return out
+
+
+@torch.no_grad()
+def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, task: int) -> list[list[int]]:
+    """Duplicate every old unit whose drift exceeds ``sigma``.
+
+    The copy (stamped ``task``) takes the unit's current incoming weights and its outgoing columns;
+    the original gets its task-(t-1) weights back exactly (connections from units stamped ``task``
+    reset to zero), so earlier tasks see it as they left it. Returns the duplicated units per layer."""
+    if not (sigma >= 0 and math.isfinite(sigma)):
+        raise SlimkitError(f"sigma (split threshold) must be a non-negative number, got {sigma!r}")
+    rho = drift(net, snap)
+    dup = [torch.nonzero(r > sigma).flatten().tolist() for r in rho]
+    for i, units in enumerate(dup):
+        if not units:
+            continue
+        layer = net.hidden[i]
+        w0, b0 = snap[f"hidden.{i}.weight"], snap[f"hidden.{i}.bias"]
+        n_add = len(units)
+        new = _widen_layer(layer, n_add, 0)
+        new.weight[layer.out_features:] = layer.weight[units]
+        new.bias[layer.out_features:] = layer.bias[units]
+        restored = torch.zeros_like(layer.weight[units])
+        restored[:, : w0.shape[1]] = w0[units]
+        new.weight[units] = restored
+        new.bias[units] = b0[units]
+        net.hidden[i] = new
+        stamp = getattr(net, f"stamp{i}")
+        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((n_add,), task, dtype=torch.long)]))
+        # the layer above reads the copies through the same weights it used for the originals
+        if i + 1 < len(net.hidden):
+            nxt = net.hidden[i + 1]
+            wide = _widen_layer(nxt, 0, n_add)
+            wide.weight[:, nxt.in_features:] = nxt.weight[:, units]
+            net.hidden[i + 1] = wide
+        else:
+            for j, head in enumerate(net.heads):
+                wide = _widen_layer(head, 0, n_add)
+                if j == task - 1:
+                    wide.weight[:, head.in_features:] = head.weight[:, units]
+                net.heads[j] = wide
+    refresh_spec(net)
+    return dup
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FitPenalties:
+    l1: float = 0.0  # proximal soft-threshold on the trainable weights (hidden layers and heads)
+    l2: float = 0.0  # l2 * ||W||^2 on the trainable hidden weights
+    l2_to: float = 0.0  # l2_to * ||W - W_ref||^2 on the trainable entries of the reference's shape
+    group: float = 0.0  # proximal group lasso on the incoming rows of units stamped `task`
+    ewc: float = 0.0  # ewc/2 * sum F (W - W_ref)^2 (elastic weight consolidation baseline)
+    ref: Mapping[str, torch.Tensor] | None = None
+    fisher: Mapping[str, torch.Tensor] | None = None
+
+
+def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor | None], epochs: int,
+        lr: float = 0.01, batch_size: int = 32, penalties: FitPenalties | None = None, seed: int = 0) -> float:
+    """Train head ``task`` (timestamped forward) changing only the entries ``masks`` allow.
+
+    A mask of None frees the whole parameter; parameters not named stay frozen. Returns the mean
+    training loss of the last epoch (task loss only)."""
+    pen = penalties or FitPenalties()
+    params = dict(net.named_parameters())
+    train = {n: params[n] for n in masks}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in train.values():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(list(train.values()), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    hidden_w = [n for n in train if n.startswith("hidden.") and n.endswith(".weight")]
+    l1_names = [n for n in train if n.endswith(".weight")]  # L1 reaches the heads too (a sparse head selects)
+    last = float("nan")
+    net.train()
+    try:
+        for _ in range(epochs):
+            total = seen = 0
+            for x, y in DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen):
+                loss = F.cross_entropy(net(x, task), y)
+                reg = loss
+                for n in hidden_w:
+                    w = train[n]
+                    m = masks[n]
+                    if pen.l2:
+                        reg = reg + pen.l2 * ((w if m is None else w * m) ** 2).sum()
+                    if pen.l2_to and pen.ref is not None and n in pen.ref:
+                        r = pen.ref[n]
+                        d = w[: r.shape[0], : r.shape[1]] - r
+                        if m is not None:
+                            d = d * m[: r.shape[0], : r.shape[1]]
+                        reg = reg + pen.l2_to * (d ** 2).sum()
+                    if pen.ewc and pen.fisher is not None and n in pen.fisher:
+                        r, f = pen.ref[n], pen.fisher[n]
+                        d = w[: r.shape[0], : r.shape[1]] - r
+                        reg = reg + 0.5 * pen.ewc * (f * d ** 2).sum()
+                opt.zero_grad(set_to_none=True)
+                reg.backward()
+                for n, p in train.items():
+                    if masks[n] is not None and p.grad is not None:
+                        p.grad.mul_(masks[n].to(p.grad.dtype))
+                opt.step()
+                with torch.no_grad():
+                    for n in l1_names if pen.l1 else ():
+                        w, m = train[n], masks[n]
+                        shrunk = torch.sign(w) * (w.abs() - lr * pen.l1).clamp_min(0)
+                        w.copy_(shrunk if m is None else torch.where(m, shrunk, w))
+                    for n in hidden_w if pen.group else ():
+                        w, i = train[n], int(n.split(".")[1])
+                        rows = net.stamps()[i] == task
+                        norms = w[rows].norm(dim=1, keepdim=True)
+                        scale = (1 - lr * pen.group / norms.clamp_min(1e-12)).clamp_min(0)
+                        w[rows] = w[rows] * scale
+                        b = train.get(f"hidden.{i}.bias")
+                        if b is not None:  # a unit whose group is zero outputs nothing: its bias goes too
+                            b[rows] = torch.where(scale.flatten() == 0, torch.zeros_like(b[rows]), b[rows])
+                total += float(loss.detach()) * len(y)
+                seen += len(y)
+            last = total / max(seen, 1)
+    finally:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        net.eval()
+    return last
+
+
+@torch.no_grad()
+def task_loss(net: DENNet, task: int, data: Dataset) -> float:
+    net.eval()
+    total = seen = 0
+    for x, y in DataLoader(data, batch_size=512):
+        total += float(F.cross_entropy(net(x, task), y, reduction="sum"))
+        seen += len(y)
+    return total / max(seen, 1)

@@ -1,0 +1,435 @@
+"""Lifelong learning with Dynamically Expandable Networks: `slimkit den` (Yoon et al., ICLR 2018).
+
+Tasks arrive in order and earlier tasks' data is gone when task t is learned. Per task:
+
+1. t = 1: train the network with an L1 penalty (proximal), so each unit connects to few below;
+2. t > 1, selective retraining: a new head for task t is fitted alone with L1 on the frozen network;
+   breadth-first search down through non-zero weights gives the subnetwork S; only W_S (and the
+   head) retrains, with an L2 penalty;
+3. dynamic expansion: if task t's training loss is still above tau, k units join every hidden layer
+   and only they train, with L1 + group lasso on each new unit's incoming weights; units whose group
+   norm reaches zero are removed by a KeepPlan and the one surgery;
+4. split: W_S retrains with lambda * ||W - W^{t-1}||^2; every old unit whose incoming weights moved
+   more than sigma is duplicated (the old copy gets its task-(t-1) weights back), then the units
+   stamped t retrain briefly;
+5. timestamped inference: task s uses only units added at or before s.
+
+The same run trains the paper's baselines on the same tasks: DNN (fine-tuning), DNN-L2, EWC,
+DNN-STL (one network per task) and DNN-MTL (joint training on all tasks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from slimkit import den as D
+from slimkit.errors import SlimkitError
+from slimkit.models import create_model
+
+__all__ = ["Task", "make_tasks", "DENConfig", "run_den", "auroc", "BASELINES"]
+
+BASELINES = ("dnn", "dnn-l2", "ewc", "stl", "mtl")
+
+
+@dataclasses.dataclass
+class Task:
+    name: str
+    train: TensorDataset
+    test: TensorDataset
+    classes: int
+    binary: bool  # scored by AUROC, as the paper scores its binary tasks
+
+
+def _tensors(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from slimkit.data import digits, image_dir
+
+    if data == "digits":
+        tr, te = digits("train", image_size=image_size), digits("test", image_size=image_size)
+    else:
+        shape = (1, image_size, image_size)
+        tr, te = image_dir(data, shape, "train"), image_dir(data, shape, "test")
+    xs, ys = [], []
+    for ds in (tr, te):
+        if isinstance(ds, TensorDataset):
+            xs.append(ds.tensors[0].float())
+            ys.append(ds.tensors[1].long())
+        else:
+            items = [ds[i] for i in range(len(ds))]
+            xs.append(torch.stack([x for x, _ in items]))
+            ys.append(torch.tensor([int(y) for _, y in items]))
+    return xs[0], ys[0], xs[1], ys[1]
+
+
+def parse_tasks(spec: str, classes: int) -> tuple[str, int]:
+    m = re.fullmatch(r"(split|onevsrest|permuted)(?::(-?\d+))?", spec.strip())
+    if m is None:
+        raise SlimkitError(f"unknown task spec {spec!r}; use split[:N], onevsrest[:N] or permuted:N")
+    kind, n = m.group(1), m.group(2)
+    if kind == "permuted" and n is None:
+        raise SlimkitError("permuted needs a task count: permuted:N")
+    n = int(n) if n is not None else (classes // 2 if kind == "split" else classes)
+    if n < 1:
+        raise SlimkitError(f"task count must be a positive integer, got {n} in {spec!r}")
+    if kind == "split" and n > classes // 2:
+        raise SlimkitError(f"split:{n} needs at least 2 classes per task, but the data has {classes} classes "
+                           f"(at most split:{classes // 2})")
+    if kind == "onevsrest" and n > classes:
+        raise SlimkitError(f"onevsrest:{n} asks for more tasks than the data's {classes} classes")
+    return kind, n
+
+
+def make_tasks(spec: str, data: str = "digits", image_size: int = 8, seed: int = 0) -> list[Task]:
+    """The task sequence ``spec`` on ``data``: split[:N] (N tasks of consecutive classes), onevsrest[:N]
+    (class c against the rest, binary) or permuted:N (all classes, one fixed pixel permutation per task;
+    task 1 unpermuted)."""
+    xtr, ytr, xte, yte = _tensors(data, image_size)
+    classes = int(max(ytr.max(), yte.max())) + 1
+    kind, n = parse_tasks(spec, classes)
+    tasks = []
+    if kind == "split":
+        per = classes // n
+        for t in range(n):
+            cs = list(range(t * per, (t + 1) * per))
+            sel_tr, sel_te = torch.isin(ytr, torch.tensor(cs)), torch.isin(yte, torch.tensor(cs))
+            tasks.append(Task(f"classes {cs[0]}-{cs[-1]}", TensorDataset(xtr[sel_tr], ytr[sel_tr] - cs[0]),
+                              TensorDataset(xte[sel_te], yte[sel_te] - cs[0]), per, per == 2))
+    elif kind == "onevsrest":
+        for c in range(n):
+            tasks.append(Task(f"{c} vs rest", TensorDataset(xtr, (ytr == c).long()),
+                              TensorDataset(xte, (yte == c).long()), 2, True))
+    else:
+        g = torch.Generator().manual_seed(seed)
+        d = xtr[0].numel()
+        for t in range(n):
+            perm = torch.arange(d) if t == 0 else torch.randperm(d, generator=g)
+            tasks.append(Task(f"permutation {t}", TensorDataset(xtr.flatten(1)[:, perm].view_as(xtr), ytr),
+                              TensorDataset(xte.flatten(1)[:, perm].view_as(xte), yte), classes, False))
+    return tasks
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    scores, labels = scores.double(), labels.bool()
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    ranks = torch.empty_like(scores)
+    s = scores[order]
+    i = 0
+    n = len(s)
+    while i < n:  # average ranks over runs of equal scores
+        j = i
+        while j + 1 < n and s[j + 1] == s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def score(net, task_id: int, task: Task) -> float:
+    """Accuracy, or AUROC for binary tasks, of head ``task_id`` with timestamped inference."""
+    net.eval()
+    x, y = task.test.tensors
+    logits = net(x, task_id)
+    if task.binary:
+        return auroc(torch.softmax(logits, 1)[:, 1], y)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+@dataclasses.dataclass
+class DENConfig:
+    data: str = "digits"
+    tasks: str = "split"
+    hidden: tuple[int, ...] = (312, 128)
+    image_size: int = 8
+    epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
+    lr: float = 0.05
+    batch_size: int = 32
+    l1: float = 1e-3  # mu: L1 on task 1, on the new head and on new units
+    l2: float = 1e-4  # L2 of selective retraining
+    tau: float = 0.05  # expand when task t's training loss after selective retraining exceeds tau
+    k: int = 10  # units added per hidden layer on expansion
+    group: float = 0.05  # gamma: group lasso on each new unit's incoming weights
+    drift_lambda: float = 0.1  # lambda of ||W^t - W^{t-1}||^2 in the split retraining
+    sigma: float = 0.5  # split units whose drift rho exceeds sigma
+    baselines: tuple[str, ...] = BASELINES
+    l2_baseline: float = 0.1  # lambda of DNN-L2
+    ewc_lambda: float = 100.0  # lambda of EWC
+    seed: int = 0
+
+    def __post_init__(self):
+        self.hidden = tuple(int(h) for h in self.hidden)
+        self.baselines = tuple(self.baselines)
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise SlimkitError(f"hidden layer widths must be positive integers, got {self.hidden}")
+        for name in ("epochs", "batch_size", "k", "image_size"):
+            if int(getattr(self, name)) < 1:
+                raise SlimkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("lr",):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise SlimkitError(f"{name} must be a positive number, got {v!r}")
+        for name in ("l1", "l2", "tau", "group", "drift_lambda", "sigma", "l2_baseline", "ewc_lambda"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise SlimkitError(f"{name} must be a non-negative number, got {v!r}")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        if unknown:
+            raise SlimkitError(f"unknown baseline {unknown[0]!r}; available: {', '.join(BASELINES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _all(net) -> dict[str, None]:
+    return {n: None for n, _ in net.named_parameters()}
+
+
+def _new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int):
+    torch.manual_seed(seed)
+    net = create_model("den_mlp", hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
+    return net
+
+
+def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> dict[str, Any]:
+    """Learn task t with DEN; returns what happened (selected, added, pruned, duplicated units)."""
+    fit = lambda masks, pen, epochs=cfg.epochs: D.fit(net, t, task.train, masks, epochs, cfg.lr,  # noqa: E731
+                                                       cfg.batch_size, pen, seed=cfg.seed * 1000 + t)
+    rec: dict[str, Any] = {"selected": 0, "added": 0, "pruned": 0, "duplicated": 0, "expanded": False}
+    if t == 1:
+        D.add_head(net, task.classes, gen)
+        rec["loss"] = fit(_all(net), D.FitPenalties(l1=cfg.l1))
+        return rec
+    snap = D.snapshot(net)
+    D.add_head(net, task.classes, gen)
+    head = {f"heads.{t - 1}.weight": None, f"heads.{t - 1}.bias": None}
+    fit(head, D.FitPenalties(l1=cfg.l1))  # a sparse head: it selects the units task t reads
+    selected = D.select_units(net, t)
+    rec["selected"] = sum(len(s) for s in selected)
+    fit(D.selected_masks(net, selected, t), D.FitPenalties(l2=cfg.l2))
+    loss = D.task_loss(net, t, task.train)
+    rec["loss_selective"] = loss
+    if loss > cfg.tau:
+        rec["expanded"] = True
+        D.grow(net, cfg.k, t, gen)
+        fit(D.new_unit_masks(net, t), D.FitPenalties(l1=cfg.l1, group=cfg.group))
+        dead = D.dead_units(net, t)
+        rec["pruned"] = sum(len(d) for d in dead)
+        rec["added"] = cfg.k * len(cfg.hidden) - rec["pruned"]
+        D.remove_units(net, dead)
+    # split: retrain W_S towards W^{t-1}, duplicate the units that drifted anyway
+    fit(D.selected_masks(net, selected, t), D.FitPenalties(l2_to=cfg.drift_lambda, ref=snap))
+    dup = D.split_units(net, snap, cfg.sigma, t)
+    rec["duplicated"] = sum(len(d) for d in dup)
+    if rec["duplicated"] or rec["added"]:
+        fit(D.new_unit_masks(net, t), D.FitPenalties(), epochs=max(1, cfg.epochs // 3))
+    rec["loss"] = D.task_loss(net, t, task.train)
+    return rec
+
+
+def _fisher(net, t: int, task: Task) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of the hidden weights on task t (EWC)."""
+    net.eval()
+    fisher = {n: torch.zeros_like(p) for n, p in net.named_parameters() if n.startswith("hidden.")}
+    x, y = task.train.tensors
+    for i in range(0, len(y), 64):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x[i:i + 64], t), y[i:i + 64], reduction="sum").backward()
+        for n, p in net.named_parameters():
+            if n in fisher and p.grad is not None:
+                fisher[n] += p.grad.detach() ** 2
+    net.zero_grad(set_to_none=True)
+    return {n: f / len(y) for n, f in fisher.items()}
+
+
+def _sequential_baseline(name: str, tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> int:
+    """DNN / DNN-L2 / EWC: one network fine-tuned task after task (a new head per task)."""
+    net = _new_net(cfg, (), cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    fisher: dict[str, torch.Tensor] = {}
+    ref = None
+    for t, task in enumerate(tasks, 1):
+        D.add_head(net, task.classes, gen)
+        pen = D.FitPenalties()
+        if t > 1 and name == "dnn-l2":
+            pen = D.FitPenalties(l2_to=cfg.l2_baseline, ref=ref)
+        elif t > 1 and name == "ewc":
+            pen = D.FitPenalties(ewc=cfg.ewc_lambda, ref=ref, fisher=fisher)
+        D.fit(net, t, task.train, _all(net), cfg.epochs, cfg.lr, cfg.batch_size, pen, seed=cfg.seed * 1000 + t)
+        ref = D.snapshot(net)
+        if name == "ewc":
+            for n, f in _fisher(net, t, task).items():
+                fisher[n] = fisher.get(n, torch.zeros_like(f)) + f
+        R.append([score(net, j, tasks[j - 1]) for j in range(1, t + 1)])
+    return D.count_params(net)
+
+
+def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> list[int]:
+    nets, sizes = [], []
+    for t, task in enumerate(tasks, 1):
+        net = _new_net(cfg, (task.classes,), cfg.seed + t)
+        D.fit(net, 1, task.train, _all(net), cfg.epochs, cfg.lr, cfg.batch_size, None, seed=cfg.seed * 1000 + t)
+        nets.append(net)
+        sizes.append(D.count_params(net))
+        R.append([score(nets[j - 1], 1, tasks[j - 1]) for j in range(1, t + 1)])
+    return sizes
+
+
+def _mtl(tasks: list[Task], cfg: DENConfig) -> tuple[list[float], int]:
+    """Joint training on every task at once: one shared body, a head per task, summed losses."""
+    net = _new_net(cfg, tuple(t.classes for t in tasks), cfg.seed)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net.train()
+    for _ in range(cfg.epochs):
+        iters = [iter(DataLoader(t.train, batch_size=cfg.batch_size, shuffle=True, generator=gen)) for t in tasks]
+        steps = max(math.ceil(len(t.train) / cfg.batch_size) for t in tasks)
+        for _ in range(steps):
+            loss = 0.0
+            for t, it in enumerate(iters, 1):
+                batch = next(it, None)
+                if batch is None:
+                    continue
+                x, y = batch
+                loss = loss + F.cross_entropy(net(x, t), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return [score(net, j, tasks[j - 1]) for j in range(1, len(tasks) + 1)], D.count_params(net)
+
+
+def _metrics(R: list[list[float]]) -> dict[str, float]:
+    T = len(R)
+    final = R[-1]
+    avg = sum(final) / len(final)
+    forgetting = [R[j][j] - R[-1][j] for j in range(T - 1)] if len(R) == T and all(len(r) == i + 1 for i, r in enumerate(R)) else []
+    return {"average": avg, "forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
+            "bwt": -sum(forgetting) / len(forgetting) if forgetting else 0.0}
+
+
+def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Learn the task sequence with DEN and the baselines; write the run directory; return the summary."""
+    from slimkit.checkpoint import save
+    from slimkit.training.runs import check_run_dir, log_record, start_run_dir
+
+    out = Path(out)
+    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed)  # refuses bad specs before writing
+    check_run_dir(out, cfg.to_json(), False, "den")
+    start_run_dir(out, cfg.to_json())
+    metrics = out / "metrics.jsonl"
+    t0 = time.perf_counter()
+    net = _new_net(cfg, (), cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    R: list[list[float]] = []
+    per_task = []
+    it = range(1, len(tasks) + 1)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="DEN tasks", unit="task", leave=False)
+    for t in it:
+        task = tasks[t - 1]
+        ts = time.perf_counter()
+        rec = _den_task(net, t, task, cfg, gen)
+        R.append([score(net, j, tasks[j - 1]) for j in range(1, t + 1)])
+        rec.update(kind="task", method="den", task=t, name=task.name, widths=D.widths(net),
+                   params=D.count_params(net), scores=R[-1], seconds=time.perf_counter() - ts)
+        log_record(metrics, rec)
+        per_task.append(rec)
+        save(net, out / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks, "record": rec},
+             provenance={"recipe": "slimkit den", "config": cfg.to_json()})
+        echo(f"task {t}/{len(tasks)} ({task.name}): {'AUROC' if task.binary else 'acc'} {100 * R[-1][-1]:.2f}, "
+             f"average so far {100 * sum(R[-1]) / t:.2f}; selected {rec['selected']}, added {rec['added']}, "
+             f"pruned {rec['pruned']}, duplicated {rec['duplicated']}; widths {rec['widths']}")
+    results = {"den": {"R": R, **_metrics(R), "params": D.count_params(net),
+                       "params_per_task": [r["params"] for r in per_task]}}
+    for b in cfg.baselines:
+        tb = time.perf_counter()
+        if b == "mtl":
+            final, params = _mtl(tasks, cfg)
+            results[b] = {"R": [final], "average": sum(final) / len(final), "forgetting": None, "bwt": None,
+                          "params": params}
+        elif b == "stl":
+            Rb: list[list[float]] = []
+            sizes = _stl(tasks, cfg, Rb)
+            results[b] = {"R": Rb, **_metrics(Rb), "params": sum(sizes),
+                          "params_per_task": [sum(sizes[:i + 1]) for i in range(len(sizes))]}
+        else:
+            Rb = []
+            params = _sequential_baseline(b, tasks, cfg, Rb)
+            results[b] = {"R": Rb, **_metrics(Rb), "params": params}
+        log_record(metrics, {"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
+        echo(f"baseline {b}: average {100 * results[b]['average']:.2f}"
+             + (f", forgetting {100 * results[b]['forgetting']:.2f}" if results[b]["forgetting"] is not None else ""))
+    summary = {"tasks": [t.name for t in tasks], "metric": "AUROC" if all(t.binary for t in tasks) else
+               ("accuracy" if not any(t.binary for t in tasks) else "AUROC (binary) / accuracy"),
+               "results": results, "den_tasks": per_task, "seconds": time.perf_counter() - t0}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_summary(out, cfg, summary)
+    return summary
+
+
+def _write_summary(out: Path, cfg: DENConfig, s: dict[str, Any]) -> None:
+    res, names, metric = s["results"], s["tasks"], s["metric"]
+    T = len(names)
+    lines = [f"# DEN on {cfg.data}, tasks {cfg.tasks} ({T} tasks, scored by {metric})", "",
+             f"MLP {'-'.join(map(str, cfg.hidden))}, {cfg.epochs} epochs per phase, lr {cfg.lr:g}, L1 {cfg.l1:g}, "
+             f"tau {cfg.tau:g}, k {cfg.k}, group lasso {cfg.group:g}, sigma {cfg.sigma:g}, seed {cfg.seed}", "",
+             "## Methods after the last task", "", "| method | average | forgetting | parameters | vs STL |",
+             "|---|---:|---:|---:|---:|"]
+    stl = res.get("stl", {}).get("params")
+    for m, r in res.items():
+        f = "" if r["forgetting"] is None else f"{100 * r['forgetting']:.2f}"
+        rel = f"{100 * r['params'] / stl:.0f}%" if stl else ""
+        lines.append(f"| {m.upper()} | {100 * r['average']:.2f} | {f} | {r['params']:,} | {rel} |")
+    lines += ["", "Forgetting: mean over tasks j < T of R[j][j] - R[T][j] (backward transfer is its negative).", "",
+              "## DEN: R[i][j], score on task j after learning task i", "",
+              "| after \\ on | " + " | ".join(str(j + 1) for j in range(T)) + " |", "|---" * (T + 1) + "|"]
+    for i, row in enumerate(res["den"]["R"]):
+        lines.append(f"| {i + 1} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" * (T - len(row)) + " |")
+    lines += ["", "## DEN per task", "", "| task | selected | added | pruned | duplicated | units per layer | parameters |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    for r in s["den_tasks"]:
+        lines.append(f"| {r['task']} ({r['name']}) | {r['selected']} | {r['added']} | {r['pruned']} | {r['duplicated']} | "
+                     f"{r['widths']} | {r['params']:,} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "den.png", s)
+
+
+def _plot(path: Path, s: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = s["results"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for m, r in res.items():
+        if m == "mtl":
+            ax1.axhline(100 * r["average"], ls=":", color="grey", label="MTL (joint, final)")
+            continue
+        avg = [100 * sum(row) / len(row) for row in r["R"]]
+        ax1.plot(range(1, len(avg) + 1), avg, marker="o", ms=3, label=m.upper())
+        if "params_per_task" in r:
+            ax2.plot(range(1, len(avg) + 1), r["params_per_task"], marker="o", ms=3, label=m.upper())
+    ax1.set_xlabel("tasks learned")
+    ax1.set_ylabel(f"average {s['metric']} (%)")
+    ax2.set_xlabel("tasks learned")
+    ax2.set_ylabel("parameters")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
