@@ -1,0 +1,204 @@
+"""DEN: every step proven on its own, plus the pipeline, the task specs and bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from slimkit import create_model, load
+from slimkit import den as D
+from slimkit.errors import SlimkitError
+from slimkit.training.den import DENConfig, auroc, make_tasks, run_den
+
+
+def _net(hidden=(12, 6), heads=(2,), seed=0):
+    torch.manual_seed(seed)
+    return create_model("den_mlp", hidden=hidden, heads=heads)
+
+
+def _data(n=64, seed=0, col=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return TensorDataset(x, (x.flatten(1)[:, col] > 0).long())
+
+
+def test_selection_is_a_breadth_first_search_through_nonzero_weights():
+    net = _net(hidden=(5, 4), heads=(2, 3))
+    with torch.no_grad():
+        for m in [*net.hidden, *net.heads]:
+            m.weight.zero_()
+        net.heads[1].weight[0, 2] = 1.0   # head 2 reads top unit 2 only
+        net.hidden[1].weight[2, 0] = 0.5  # top unit 2 reads layer-0 units 0 and 3
+        net.hidden[1].weight[2, 3] = -0.1
+        net.hidden[1].weight[1, 4] = 1.0  # unit 1 is not selected, so unit 4 below is not reached
+    assert D.select_units(net, 2) == [[0, 3], [2]]
+    masks = D.selected_masks(net, [[0, 3], [2]], 2)
+    assert masks["hidden.1.weight"].nonzero().tolist() == [[2, 0], [2, 3]]
+    assert masks["hidden.0.weight"].sum() == 2 * 64  # rows 0 and 3, every input
+
+
+def test_fit_changes_only_the_masked_entries():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    masks = D.selected_masks(net, [[1, 3], [0]], 1)
+    D.fit(net, 1, _data(), masks, epochs=3, lr=0.1, penalties=D.FitPenalties(l2=1e-3))
+    after = net.state_dict()
+    for name, m in masks.items():
+        changed = after[name] != before[name]
+        if m is not None:
+            assert not (changed & ~m).any(), name  # nothing outside the mask moved
+            assert changed.any(), name
+    assert torch.equal(after["stamp0"], before["stamp0"])
+
+
+def test_l1_and_group_lasso_reach_exact_zeros():
+    net = _net()
+    D.fit(net, 1, _data(), {n: None for n, _ in net.named_parameters()}, epochs=5, lr=0.1,
+          penalties=D.FitPenalties(l1=0.5))
+    assert (net.hidden[0].weight == 0).float().mean() > 0.5
+    g = torch.Generator().manual_seed(1)
+    D.add_head(net, 2, g)
+    D.grow(net, 3, 2, g)
+    D.fit(net, 2, _data(col=5), D.new_unit_masks(net, 2), epochs=5, lr=0.1, penalties=D.FitPenalties(group=10.0))
+    dead = D.dead_units(net, 2)
+    assert dead == [[12, 13, 14], [6, 7, 8]]  # a strong group lasso zeroes every new unit's incoming row
+
+
+def test_growth_is_invisible_to_earlier_tasks():
+    net = _net(heads=(2,))
+    x = _data().tensors[0]
+    y1 = net(x, 1).detach()
+    g = torch.Generator().manual_seed(0)
+    D.add_head(net, 3, g)
+    added = D.grow(net, 4, 2, g)
+    assert added == [[12, 13, 14, 15], [6, 7, 8, 9]]
+    assert D.widths(net) == [16, 10] and net.stamps()[0].tolist() == [1] * 12 + [2] * 4
+    with torch.no_grad():
+        assert torch.equal(net(x, 1), y1)  # timestamped inference: task 1 never sees task-2 units
+        for m in net.hidden:
+            m.weight.add_(torch.randn_like(m.weight) * D.new_unit_masks(net, 2)[f"hidden.{list(net.hidden).index(m)}.weight"])
+        assert torch.equal(net(x, 1), y1)  # and training new units (their masks) cannot change it either
+    assert net.slimkit_spec.args["hidden"] == (16, 10) and net.slimkit_spec.args["heads"] == (2, 3)
+
+
+def test_removal_is_physical_exact_and_keeps_timestamps(tmp_path):
+    net = _net(heads=(2,))
+    g = torch.Generator().manual_seed(0)
+    D.add_head(net, 2, g)
+    D.grow(net, 4, 2, g)
+    with torch.no_grad():  # kill units 13 and 15 of layer 0 and unit 7 of layer 1 the way group lasso does
+        for i, units in ((0, [13, 15]), (1, [7])):
+            net.hidden[i].weight[units] = 0
+            net.hidden[i].bias[units] = 0
+    assert D.dead_units(net, 2) == [[13, 15], [7]]
+    x = _data().tensors[0]
+    want = [net(x, t).detach() for t in (1, 2)]
+    D.remove_units(net, D.dead_units(net, 2))
+    assert D.widths(net) == [14, 9]
+    assert net.stamps()[0].tolist() == [1] * 12 + [2, 2] and net.stamps()[1].tolist() == [1] * 6 + [2, 2, 2]
+    with torch.no_grad():
+        for t, w in zip((1, 2), want):
+            assert torch.allclose(net(x, t), w, atol=1e-6)
+    back = load(__import__("slimkit").save(net, tmp_path / "den.pt"))  # checkpoints rebuild the grown widths
+    with torch.no_grad():
+        assert torch.equal(back(x, 2), net(x, 2)) and torch.equal(back.stamp0, net.stamp0)
+    with pytest.raises(SlimkitError, match="empty hidden layer"):
+        D.remove_units(net, [list(range(14)), []])
+
+
+def test_split_restores_old_units_exactly_and_copies_keep_the_new_weights():
+    net = _net(heads=(2,))
+    task1 = _data()
+    D.fit(net, 1, task1, {n: None for n, _ in net.named_parameters()}, epochs=3, lr=0.1)
+    x = task1.tensors[0]
+    y1 = net(x, 1).detach()
+    snap = D.snapshot(net)
+    g = torch.Generator().manual_seed(0)
+    D.add_head(net, 2, g)
+    D.fit(net, 2, _data(col=7), {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")},
+          epochs=3, lr=0.1)  # everything old drifts
+    rho = D.drift(net, snap)
+    assert all((r > 0).all() for r in rho)
+    with torch.no_grad():
+        assert not torch.allclose(net(x, 1), y1)  # task 1 was forgotten ...
+    moved_w0 = net.hidden[0].weight.detach().clone()
+    y2 = net(x, 2).detach()
+    dup = D.split_units(net, snap, sigma=0.0, task=2)
+    assert dup == [list(range(12)), list(range(6))]
+    assert D.widths(net) == [24, 12]
+    with torch.no_grad():
+        assert torch.equal(net(x, 1), y1)  # ... and is back exactly: sigma 0 duplicates every drifted unit
+        assert torch.equal(net.hidden[0].weight[12:], moved_w0)  # the copies hold the task-2 weights
+        assert torch.equal(net.hidden[0].weight[:12], snap["hidden.0.weight"])
+    assert net.stamps()[0].tolist() == [1] * 12 + [2] * 12
+    # a threshold above every drift duplicates nothing
+    assert D.split_units(net, D.snapshot(net), sigma=1e9, task=2) == [[], []]
+    with pytest.raises(SlimkitError, match="sigma"):
+        D.split_units(net, snap, sigma=-1.0, task=2)
+    del y2
+
+
+def test_auroc_matches_the_pairwise_definition():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 5, (40,), generator=g).float()  # many ties
+    y = torch.randint(0, 2, (40,), generator=g)
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = (pos[:, None] > neg[None, :]).float() + 0.5 * (pos[:, None] == neg[None, :]).float()
+    assert auroc(s, y) == pytest.approx(float(pairs.mean()))
+
+
+def test_task_specs():
+    split = make_tasks("split")
+    assert len(split) == 5 and all(t.classes == 2 and t.binary for t in split)
+    assert sorted(split[1].train.tensors[1].unique().tolist()) == [0, 1]
+    ovr = make_tasks("onevsrest:3")
+    assert len(ovr) == 3 and ovr[2].train.tensors[1].sum() < len(ovr[2].train) / 5
+    perm = make_tasks("permuted:3", seed=1)
+    assert len(perm) == 3 and perm[0].classes == 10 and not perm[0].binary
+    x0, x1 = perm[0].train.tensors[0], perm[1].train.tensors[0]
+    assert not torch.equal(x0, x1) and torch.equal(x0.flatten(1).sort(1).values, x1.flatten(1).sort(1).values)
+    for bad, msg in [("split:6", "at most split:5"), ("onevsrest:11", "more tasks"), ("permuted", "permuted:N"),
+                     ("rotated:3", "unknown task spec"), ("split:0", "positive")]:
+        with pytest.raises(SlimkitError, match=msg):
+            make_tasks(bad)
+
+
+def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
+    cfg = DENConfig(tasks="split:3", hidden=(24, 12), epochs=3, tau=0.0, k=4, sigma=0.0, group=0.01,
+                    baselines=("dnn", "stl", "mtl"))
+    s = run_den(cfg, tmp_path / "r", progress=False, echo=lambda m: None)
+    out = tmp_path / "r"
+    for f in ("task1.pt", "task3.pt", "metrics.jsonl", "results.json", "summary.md", "den.png"):
+        assert (out / f).is_file(), f
+    den = s["results"]["den"]
+    assert len(den["R"]) == 3 and [len(r) for r in den["R"]] == [1, 2, 3]
+    # tau 0 expands at every later task; sigma 0 restores every drifted old unit: no forgetting at all
+    assert all(t["expanded"] for t in s["den_tasks"][1:])
+    assert den["forgetting"] == 0.0 and den["R"][2][0] == den["R"][0][0]
+    assert s["results"]["stl"]["params"] > s["results"]["dnn"]["params"]
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in recs} == {"den", "dnn", "stl", "mtl"}
+    net = load(out / "task3.pt")
+    assert net.slimkit_spec.args["hidden"] == tuple(s["den_tasks"][-1]["widths"])
+    text = (out / "summary.md").read_text()
+    for word in ("R[i][j]", "forgetting", "selected", "duplicated", "STL"):
+        assert word in text
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--tasks", "split:7"], "at most split:5"),
+    (["--tasks", "nope"], "unknown task spec"),
+    (["-k", "0"], "positive integer"),
+    (["--sigma", "-0.5"], "non-negative"),
+    (["--tau", "nan"], "non-negative"),
+    (["--arch", "resnet18"], "--arch must be mlp"),
+    (["--baselines", "dnn,bogus"], "unknown baseline"),
+])
+def test_den_bad_input(cli, tmp_path, argv, msg):
+    r = cli("den", *argv, "--out", tmp_path / "r")
+    assert r.code == 2 and r.out == ""
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and msg in lines[0], r.err
+    assert not (tmp_path / "r").exists()
