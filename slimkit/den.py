@@ -279,7 +279,7 @@ def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, tas
 class FitPenalties:
     l1: float = 0.0  # proximal soft-threshold on the trainable weights (hidden layers and heads)
     l2: float = 0.0  # l2 * ||W||^2 on the trainable hidden weights
-    l2_to: float = 0.0  # l2_to * ||W - W_ref||^2 on the trainable entries of the reference's shape
+    l2_to: float = 0.0  # l2_to * ||W - W_ref||^2 (weights and biases) on the trainable entries the reference has
     group: float = 0.0  # proximal group lasso on the incoming rows of units stamped `task`
     ewc: float = 0.0  # ewc/2 * sum F (W - W_ref)^2 (elastic weight consolidation baseline)
     ref: Mapping[str, torch.Tensor] | None = None
@@ -302,6 +302,7 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
     opt = torch.optim.SGD(list(train.values()), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     hidden_w = [n for n in train if n.startswith("hidden.") and n.endswith(".weight")]
+    hidden_all = [n for n in train if n.startswith("hidden.")]
     l1_names = [n for n in train if n.endswith(".weight")]  # L1 reaches the heads too (a sparse head selects)
     last = float("nan")
     net.train()
@@ -311,21 +312,22 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
             for x, y in DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen):
                 loss = F.cross_entropy(net(x, task), y)
                 reg = loss
-                for n in hidden_w:
-                    w = train[n]
-                    m = masks[n]
-                    if pen.l2:
-                        reg = reg + pen.l2 * ((w if m is None else w * m) ** 2).sum()
-                    if pen.l2_to and pen.ref is not None and n in pen.ref:
-                        r = pen.ref[n]
-                        d = w[: r.shape[0], : r.shape[1]] - r
-                        if m is not None:
-                            d = d * m[: r.shape[0], : r.shape[1]]
+                for n in hidden_w if pen.l2 else ():
+                    w, m = train[n], masks[n]
+                    reg = reg + pen.l2 * ((w if m is None else w * m) ** 2).sum()
+                for n in hidden_all if (pen.l2_to or pen.ewc) and pen.ref is not None else ():
+                    # weights *and* biases: anchoring only the weights lets the biases drift instead
+                    if n not in pen.ref:
+                        continue
+                    r, m = pen.ref[n], masks[n]
+                    old = tuple(slice(0, k) for k in r.shape)  # the entries that existed in the reference
+                    d = train[n][old] - r
+                    if m is not None:
+                        d = d * m[old]
+                    if pen.l2_to:
                         reg = reg + pen.l2_to * (d ** 2).sum()
                     if pen.ewc and pen.fisher is not None and n in pen.fisher:
-                        r, f = pen.ref[n], pen.fisher[n]
-                        d = w[: r.shape[0], : r.shape[1]] - r
-                        reg = reg + 0.5 * pen.ewc * (f * d ** 2).sum()
+                        reg = reg + 0.5 * pen.ewc * (pen.fisher[n] * d ** 2).sum()
                 opt.zero_grad(set_to_none=True)
                 reg.backward()
                 for n, p in train.items():

@@ -156,15 +156,15 @@ class DENConfig:
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
     batch_size: int = 32
-    l1: float = 1e-3  # mu: L1 on task 1, on the new head and on new units
+    l1: float = 1e-2  # mu: L1 (proximal) on task 1, on the new head and on new units
     l2: float = 1e-4  # L2 of selective retraining
     tau: float = 0.05  # expand when task t's training loss after selective retraining exceeds tau
     k: int = 10  # units added per hidden layer on expansion
     group: float = 0.05  # gamma: group lasso on each new unit's incoming weights
     drift_lambda: float = 0.1  # lambda of ||W^t - W^{t-1}||^2 in the split retraining
-    sigma: float = 0.5  # split units whose drift rho exceeds sigma
+    sigma: float = 0.1  # split units whose drift rho exceeds sigma (see benchmarks/results/den_digits.md)
     baselines: tuple[str, ...] = BASELINES
-    l2_baseline: float = 0.1  # lambda of DNN-L2
+    l2_baseline: float = 0.01  # lambda of DNN-L2 (0.1 and 1 kept task 1 better but learned later tasks worse)
     ewc_lambda: float = 100.0  # lambda of EWC
     seed: int = 0
 
