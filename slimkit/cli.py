@@ -165,16 +165,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_den(args: argparse.Namespace) -> int:
     from slimkit.training.den import DENConfig, run_den
 
-    hidden = (312, 128)
-    if args.arch != "mlp":
-        if not args.arch.startswith("mlp:"):
-            raise SystemExit(_fail("den", f"--arch must be mlp or mlp:W1,W2,... (hidden widths), got {args.arch!r}"))
+    hidden, channels = (312, 128), ()
+    kind, _, widths = args.arch.partition(":")
+    if kind not in ("mlp", "conv") or (kind == "conv" and not widths):
+        raise SystemExit(_fail("den", f"--arch must be mlp, mlp:W1,W2,... or conv:C1,C2,... (units are channels), "
+                                      f"got {args.arch!r}"))
+    if widths:
         try:
-            hidden = tuple(int(w) for w in args.arch[4:].split(","))
+            parsed = tuple(int(w) for w in widths.split(","))
         except ValueError:
-            raise SystemExit(_fail("den", f"--arch mlp:W1,W2,... needs integer widths, got {args.arch!r}")) from None
+            raise SystemExit(_fail("den", f"--arch {kind}:... needs integer widths, got {args.arch!r}")) from None
+        hidden, channels = (parsed, ()) if kind == "mlp" else ((), parsed)
     baselines = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
-    cfg = DENConfig(data=args.data, tasks=args.tasks, hidden=hidden, image_size=args.image_size, epochs=args.epochs,
+    cfg = DENConfig(data=args.data, tasks=args.tasks, hidden=hidden, channels=channels, image_size=args.image_size, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, l1=args.l1, l2=args.l2, tau=args.tau, k=args.k,
                     group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
                     seed=args.seed)
@@ -398,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/)")
     d.add_argument("--tasks", default="split", help="split[:N] | onevsrest[:N] | permuted:N (default split: 5 tasks of 2 classes)")
-    d.add_argument("--arch", default="mlp", help="mlp (312-128) or mlp:W1,W2,... hidden widths")
+    d.add_argument("--arch", default="mlp", help="mlp (312-128), mlp:W1,W2,... or conv:C1,C2,... (3x3 convs whose "
+                   "units are channels)")
     d.add_argument("--image-size", type=_positive_int, default=8)
     d.add_argument("--epochs", type=_positive_int, default=30, help="epochs per task and phase")
     d.add_argument("--lr", type=_positive_float, default=0.05)

@@ -34,8 +34,32 @@ __all__ = ["refresh_spec", "add_head", "select_units", "grow", "remove_units", "
            "count_params"]
 
 
+def _out(layer: nn.Module) -> int:
+    return layer.weight.shape[0]
+
+
+def _in(layer: nn.Module) -> int:
+    return layer.weight.shape[1]
+
+
+def _blank_like(layer: nn.Module, n_in: int, n_out: int) -> nn.Module:
+    """A layer of ``layer``'s kind (Linear, or Conv2d with the same geometry) with new widths."""
+    if isinstance(layer, nn.Conv2d):
+        return nn.Conv2d(n_in, n_out, layer.kernel_size, layer.stride, layer.padding, bias=True)
+    return nn.Linear(n_in, n_out)
+
+
+def _conn(w: torch.Tensor) -> torch.Tensor:
+    """(units, inputs) connectivity of a Linear or Conv2d weight: any non-zero in the kernel."""
+    return w.reshape(w.shape[0], w.shape[1], -1).ne(0).any(2)
+
+
+def _to_weight(mask2d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return mask2d.reshape(*mask2d.shape, *([1] * (w.dim() - 2))).expand_as(w).clone()
+
+
 def widths(net: DENNet) -> list[int]:
-    return [layer.out_features for layer in net.hidden]
+    return [_out(layer) for layer in net.hidden]
 
 
 def count_params(net: nn.Module) -> int:
@@ -45,7 +69,13 @@ def count_params(net: nn.Module) -> int:
 def refresh_spec(net: DENNet) -> DENNet:
     """Record the current widths and heads in the network's ModelSpec (so checkpoints rebuild it)."""
     old = net.slimkit_spec
-    args = {**old.args, "hidden": tuple(widths(net)), "heads": tuple(h.out_features for h in net.heads)}
+    args = {**old.args, "heads": tuple(h.out_features for h in net.heads)}
+    ws = widths(net)
+    if "channels" in old.args:  # den_conv: conv channels, then linear units
+        nc = len(old.args["channels"])
+        args.update(channels=tuple(ws[:nc]), hidden=tuple(ws[nc:]))
+    else:
+        args["hidden"] = tuple(ws)
     net.slimkit_spec = ModelSpec(old.arch, args, old.input_shape)
     net.slimkit_plans = []
     return net
@@ -53,7 +83,7 @@ def refresh_spec(net: DENNet) -> DENNet:
 
 def add_head(net: DENNet, n_out: int, generator: torch.Generator | None = None) -> int:
     """A new output head for the next task; returns its task number (1-based)."""
-    head = nn.Linear(net.hidden[-1].out_features, n_out)
+    head = nn.Linear(_out(net.hidden[-1]), n_out)
     if generator is not None:
         _default_init(head, generator)
     net.heads.append(head)
@@ -61,12 +91,13 @@ def add_head(net: DENNet, n_out: int, generator: torch.Generator | None = None) 
     return len(net.heads)
 
 
-def _default_init(layer: nn.Linear, generator: torch.Generator, rows: slice | None = None) -> None:
-    """PyTorch's default Linear init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), seeded."""
+def _default_init(layer: nn.Module, generator: torch.Generator, rows: slice | None = None) -> None:
+    """PyTorch's default Linear/Conv2d init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), seeded."""
     with torch.no_grad():
         w = torch.empty_like(layer.weight)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
-        bound = 1 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0
+        fan_in = w[0].numel()
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         b = torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator)
         if rows is None:
             layer.weight.copy_(w)
@@ -88,8 +119,8 @@ def select_units(net: DENNet, task: int) -> list[list[int]]:
         selected[layer] = sorted(frontier.tolist())
         if layer == 0:
             break
-        w = net.hidden[layer].weight  # rows: units of `layer`, columns: units of `layer - 1`
-        frontier = torch.nonzero(w[frontier].ne(0).any(0)).flatten() if len(frontier) else frontier
+        conn = _conn(net.hidden[layer].weight)  # rows: units of `layer`, columns: units of `layer - 1`
+        frontier = torch.nonzero(conn[frontier].any(0)).flatten() if len(frontier) else frontier
     return selected
 
 
@@ -98,13 +129,13 @@ def selected_masks(net: DENNet, selected: list[list[int]], task: int) -> dict[st
     for the first layer), their biases, and the whole head ``task``."""
     masks: dict[str, torch.Tensor | None] = {}
     for i, layer in enumerate(net.hidden):
-        rows = torch.zeros(layer.out_features, dtype=torch.bool)
+        rows = torch.zeros(_out(layer), dtype=torch.bool)
         rows[selected[i]] = True
-        cols = torch.ones(layer.in_features, dtype=torch.bool)
+        cols = torch.ones(_in(layer), dtype=torch.bool)
         if i > 0:
-            cols = torch.zeros(layer.in_features, dtype=torch.bool)
+            cols = torch.zeros(_in(layer), dtype=torch.bool)
             cols[selected[i - 1]] = True
-        masks[f"hidden.{i}.weight"] = rows[:, None] & cols[None, :]
+        masks[f"hidden.{i}.weight"] = _to_weight(rows[:, None] & cols[None, :], layer.weight)
         masks[f"hidden.{i}.bias"] = rows
     masks[f"heads.{task - 1}.weight"] = None
     masks[f"heads.{task - 1}.bias"] = None
@@ -118,10 +149,10 @@ def new_unit_masks(net: DENNet, task: int) -> dict[str, torch.Tensor | None]:
     stamps = net.stamps()
     for i, layer in enumerate(net.hidden):
         rows = stamps[i] == task
-        m = rows[:, None].expand(-1, layer.in_features).clone()
+        m = rows[:, None].expand(-1, _in(layer)).clone()
         if i > 0:
             m |= (stamps[i - 1] == task)[None, :]
-        masks[f"hidden.{i}.weight"] = m
+        masks[f"hidden.{i}.weight"] = _to_weight(m, layer.weight)
         masks[f"hidden.{i}.bias"] = rows.clone()
     masks[f"heads.{task - 1}.weight"] = None
     masks[f"heads.{task - 1}.bias"] = None
@@ -131,12 +162,12 @@ def new_unit_masks(net: DENNet, task: int) -> dict[str, torch.Tensor | None]:
 # --- growth and removal ---------------------------------------------------------------------------
 
 @torch.no_grad()
-def _widen_layer(layer: nn.Linear, add_out: int, add_in: int) -> nn.Linear:
-    new = nn.Linear(layer.in_features + add_in, layer.out_features + add_out)
+def _widen_layer(layer: nn.Module, add_out: int, add_in: int) -> nn.Module:
+    new = _blank_like(layer, _in(layer) + add_in, _out(layer) + add_out)
     new.weight.zero_()
     new.bias.zero_()
-    new.weight[: layer.out_features, : layer.in_features] = layer.weight
-    new.bias[: layer.out_features] = layer.bias
+    new.weight[: _out(layer), : _in(layer)] = layer.weight
+    new.bias[: _out(layer)] = layer.bias
     return new
 
 
@@ -153,14 +184,14 @@ def grow(net: DENNet, k: int, task: int, generator: torch.Generator) -> list[lis
         old = net.hidden[i]
         add_in = k if i > 0 else 0
         new = _widen_layer(old, k, add_in)
-        fresh = nn.Linear(new.in_features, new.out_features)
+        fresh = _blank_like(new, _in(new), _out(new))
         _default_init(fresh, generator)
-        new.weight[old.out_features:] = fresh.weight[old.out_features:]
-        new.bias[old.out_features:] = fresh.bias[old.out_features:]
+        new.weight[_out(old):] = fresh.weight[_out(old):]
+        new.bias[_out(old):] = fresh.bias[_out(old):]
         net.hidden[i] = new
         stamp = getattr(net, f"stamp{i}")
         setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((k,), task, dtype=torch.long)]))
-        added.append(list(range(old.out_features, new.out_features)))
+        added.append(list(range(_out(old), _out(new))))
     for j, head in enumerate(net.heads):
         new = _widen_layer(head, 0, k)
         if j == task - 1:
@@ -178,7 +209,7 @@ def dead_units(net: DENNet, task: int) -> list[list[int]]:
     out = []
     for i, layer in enumerate(net.hidden):
         mine = net.stamps()[i] == task
-        zero = layer.weight.ne(0).sum(1) == 0
+        zero = layer.weight.flatten(1).ne(0).sum(1) == 0
         out.append(torch.nonzero(mine & zero).flatten().tolist())
     return out
 
@@ -195,7 +226,7 @@ def remove_units(net: DENNet, drop: list[list[int]]) -> DENNet:
         gone = set(drop[i])
         if not gone:
             continue
-        kept = tuple(j for j in range(layer.out_features) if j not in gone)
+        kept = tuple(j for j in range(_out(layer)) if j not in gone)
         if not kept:
             raise SlimkitError(f"removing {len(gone)} units would empty hidden layer {i}")
         keep[f"hidden.{i}"] = kept
@@ -223,8 +254,8 @@ def drift(net: DENNet, snap: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     out = []
     for i, layer in enumerate(net.hidden):
         w0, b0 = snap[f"hidden.{i}.weight"], snap[f"hidden.{i}.bias"]
-        n, m = w0.shape
-        dw = layer.weight[:n, :m] - w0
+        n, m = w0.shape[:2]
+        dw = (layer.weight[:n, :m] - w0).flatten(1)
         db = layer.bias[:n] - b0
         out.append(torch.sqrt((dw ** 2).sum(1) + db ** 2))
     return out
@@ -248,8 +279,8 @@ def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, tas
         w0, b0 = snap[f"hidden.{i}.weight"], snap[f"hidden.{i}.bias"]
         n_add = len(units)
         new = _widen_layer(layer, n_add, 0)
-        new.weight[layer.out_features:] = layer.weight[units]
-        new.bias[layer.out_features:] = layer.bias[units]
+        new.weight[_out(layer):] = layer.weight[units]
+        new.bias[_out(layer):] = layer.bias[units]
         restored = torch.zeros_like(layer.weight[units])
         restored[:, : w0.shape[1]] = w0[units]
         new.weight[units] = restored
@@ -261,7 +292,7 @@ def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, tas
         if i + 1 < len(net.hidden):
             nxt = net.hidden[i + 1]
             wide = _widen_layer(nxt, 0, n_add)
-            wide.weight[:, nxt.in_features:] = nxt.weight[:, units]
+            wide.weight[:, _in(nxt):] = nxt.weight[:, units]
             net.hidden[i + 1] = wide
         else:
             for j, head in enumerate(net.heads):
@@ -342,9 +373,9 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
                     for n in hidden_w if pen.group else ():
                         w, i = train[n], int(n.split(".")[1])
                         rows = net.stamps()[i] == task
-                        norms = w[rows].norm(dim=1, keepdim=True)
+                        norms = w[rows].flatten(1).norm(dim=1)
                         scale = (1 - lr * pen.group / norms.clamp_min(1e-12)).clamp_min(0)
-                        w[rows] = w[rows] * scale
+                        w[rows] = w[rows] * scale.view(-1, *([1] * (w.dim() - 1)))
                         b = train.get(f"hidden.{i}.bias")
                         if b is not None:  # a unit whose group is zero outputs nothing: its bias goes too
                             b[rows] = torch.where(scale.flatten() == 0, torch.zeros_like(b[rows]), b[rows])

@@ -242,33 +242,51 @@ def mlp(num_classes: int = 10, hidden: tuple[int, ...] = (312, 128), in_chans: i
 
 
 class DENNet(nn.Module):
-    """A multi-task MLP whose hidden units carry timestamps (Dynamically Expandable Networks).
+    """A multi-task network whose hidden units carry timestamps (Dynamically Expandable Networks).
 
-    ``hidden[l]`` is a Linear layer whose output units are layer l's units; ``stamp{l}`` records the
-    task (1-based) at which each unit was added. ``forward(x, task)`` is timestamped inference:
-    units added after ``task`` are silenced and head ``task`` answers. ``forward(x)`` runs every
-    unit and concatenates all heads (what tracing and surgery see).
+    ``hidden`` holds the unit layers in order: 3x3 convs (units are channels; ReLU, then 2x2 max-pool
+    while the map is at least 2 wide, and a global average pool after the last) followed by Linear
+    layers (units are neurons). ``stamp{l}`` records the task (1-based) at which each unit of layer l
+    was added. ``forward(x, task)`` is timestamped inference: units added after ``task`` are silenced
+    and head ``task`` answers. ``forward(x)`` runs every unit and concatenates all heads (what
+    tracing and surgery see).
     """
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], heads: tuple[int, ...]):
+    def __init__(self, input_shape: tuple[int, ...], hidden: tuple[int, ...], heads: tuple[int, ...],
+                 channels: tuple[int, ...] = ()):
         super().__init__()
         self.hidden = nn.ModuleList()
-        cin = in_features
-        for i, h in enumerate(hidden):
+        self.n_conv = len(channels)
+        cin, size = input_shape[0], input_shape[-1]
+        self._pool = []
+        for ch in channels:
+            self.hidden.append(nn.Conv2d(cin, ch, 3, padding=1))
+            self._pool.append(size >= 2)
+            size = size // 2 if size >= 2 else size
+            cin = ch
+        if not channels:
+            cin = int(torch.tensor(input_shape).prod())
+        for h in hidden:
             self.hidden.append(nn.Linear(cin, h))
-            self.register_buffer(f"stamp{i}", torch.ones(h, dtype=torch.long))
             cin = h
+        for i, layer in enumerate(self.hidden):
+            self.register_buffer(f"stamp{i}", torch.ones(layer.weight.shape[0], dtype=torch.long))
         self.heads = nn.ModuleList(nn.Linear(cin, n) for n in heads)
 
     def stamps(self) -> list[torch.Tensor]:
         return [getattr(self, f"stamp{i}") for i in range(len(self.hidden))]
 
     def features(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        h = x.flatten(1)
+        h = x if self.n_conv else x.flatten(1)
         for i, layer in enumerate(self.hidden):
             h = torch.relu(layer(h))
+            if i < self.n_conv and self._pool[i]:
+                h = torch.nn.functional.max_pool2d(h, 2)
             if task is not None:
-                h = h * (getattr(self, f"stamp{i}") <= task).to(h.dtype)
+                keep = (getattr(self, f"stamp{i}") <= task).to(h.dtype)
+                h = h * keep.view(1, -1, *([1] * (h.dim() - 2)))
+            if i == self.n_conv - 1:
+                h = h.mean((2, 3))
         return h
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
@@ -281,4 +299,13 @@ class DENNet(nn.Module):
 @register_model("den_mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
 def den_mlp(hidden: tuple[int, ...] = (312, 128), heads: tuple[int, ...] = (2,), in_chans: int = 1,
             image_size: int = 8) -> nn.Module:
-    return DENNet(in_chans * image_size * image_size, tuple(hidden), tuple(heads))
+    return DENNet((in_chans, image_size, image_size), tuple(hidden), tuple(heads))
+
+
+@register_model("den_conv", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
+def den_conv(channels: tuple[int, ...] = (16, 32), hidden: tuple[int, ...] = (), heads: tuple[int, ...] = (2,),
+             in_chans: int = 1, image_size: int = 8) -> nn.Module:
+    """DEN's conv variant: units are channels (3x3 convs, max-pool, global average pool), then Linear units."""
+    if not channels:
+        raise SlimkitError("den_conv needs at least one conv layer")
+    return DENNet((in_chans, image_size, image_size), tuple(hidden), tuple(heads), tuple(channels))

@@ -194,6 +194,7 @@ def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
     (["--sigma", "-0.5"], "non-negative"),
     (["--tau", "nan"], "non-negative"),
     (["--arch", "resnet18"], "--arch must be mlp"),
+    (["--arch", "conv"], "--arch must be mlp"),
     (["--baselines", "dnn,bogus"], "unknown baseline"),
 ])
 def test_den_bad_input(cli, tmp_path, argv, msg):
@@ -202,3 +203,41 @@ def test_den_bad_input(cli, tmp_path, argv, msg):
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and msg in lines[0], r.err
     assert not (tmp_path / "r").exists()
+
+
+def test_conv_units_are_channels_through_every_step(tmp_path):
+    torch.manual_seed(0)
+    net = create_model("den_conv", channels=(6, 8), hidden=(5,), heads=(2,))
+    task1, task2 = _data(n=48), _data(n=48, col=9)
+    D.fit(net, 1, task1, {n: None for n, _ in net.named_parameters()}, 3, 0.05, penalties=D.FitPenalties(l1=1e-2))
+    x = task1.tensors[0]
+    y1 = net(x, 1).detach()
+    snap = D.snapshot(net)
+    g = torch.Generator().manual_seed(0)
+    D.add_head(net, 2, g)
+    D.grow(net, 3, 2, g)
+    assert D.widths(net) == [9, 11, 8] and net.slimkit_spec.args["channels"] == (9, 11)
+    with torch.no_grad():
+        assert torch.equal(net(x, 1), y1)  # new channels are invisible to task 1
+    D.fit(net, 2, task2, D.new_unit_masks(net, 2), 3, 0.05, penalties=D.FitPenalties(group=5.0))
+    dead = D.dead_units(net, 2)
+    assert sum(map(len, dead)) > 0
+    want = net(x, 2).detach()
+    D.remove_units(net, dead)  # conv channels removed by the surgery, exactly
+    with torch.no_grad():
+        assert torch.allclose(net(x, 2), want, atol=1e-6) and torch.equal(net(x, 1), y1)
+    D.fit(net, 2, task2, {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")}, 3, 0.05)
+    assert not torch.allclose(net(x, 1), y1)
+    D.split_units(net, snap, 0.0, 2)
+    with torch.no_grad():
+        assert torch.equal(net(x, 1), y1)
+    back = load(__import__("slimkit").save(net, tmp_path / "c.pt"))
+    with torch.no_grad():
+        assert torch.equal(back(x, 2), net(x, 2))
+
+
+def test_conv_den_run(tmp_path, cli):
+    r = cli("den", "--tasks", "split:2", "--arch", "conv:8,8", "--epochs", "2", "--tau", "0", "-k", "2",
+            "--baselines", "dnn", "--out", tmp_path / "c")
+    assert r.code == 0, r.err
+    assert "conv 8-8" in (tmp_path / "c" / "summary.md").read_text()

@@ -151,7 +151,8 @@ def score(net, task_id: int, task: Task) -> float:
 class DENConfig:
     data: str = "digits"
     tasks: str = "split"
-    hidden: tuple[int, ...] = (312, 128)
+    hidden: tuple[int, ...] = (312, 128)  # Linear units per layer
+    channels: tuple[int, ...] = ()  # conv channels before them (den_conv: units are channels); () = MLP
     image_size: int = 8
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
@@ -170,9 +171,10 @@ class DENConfig:
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
+        self.channels = tuple(int(c) for c in self.channels)
         self.baselines = tuple(self.baselines)
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            raise SlimkitError(f"hidden layer widths must be positive integers, got {self.hidden}")
+        if not (self.hidden or self.channels) or any(h < 1 for h in self.hidden + self.channels):
+            raise SlimkitError(f"layer widths must be positive integers, got {self.channels + self.hidden}")
         for name in ("epochs", "batch_size", "k", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise SlimkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -198,8 +200,9 @@ def _all(net) -> dict[str, None]:
 
 def _new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int):
     torch.manual_seed(seed)
-    net = create_model("den_mlp", hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
-    return net
+    if cfg.channels:
+        return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
+    return create_model("den_mlp", hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
 
 
 def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> dict[str, Any]:
@@ -226,7 +229,7 @@ def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> 
         fit(D.new_unit_masks(net, t), D.FitPenalties(l1=cfg.l1, group=cfg.group))
         dead = D.dead_units(net, t)
         rec["pruned"] = sum(len(d) for d in dead)
-        rec["added"] = cfg.k * len(cfg.hidden) - rec["pruned"]
+        rec["added"] = cfg.k * len(net.hidden) - rec["pruned"]
         D.remove_units(net, dead)
     # split: retrain W_S towards W^{t-1}, duplicate the units that drifted anyway
     fit(D.selected_masks(net, selected, t), D.FitPenalties(l2_to=cfg.drift_lambda, ref=snap))
@@ -383,8 +386,9 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
 def _write_summary(out: Path, cfg: DENConfig, s: dict[str, Any]) -> None:
     res, names, metric = s["results"], s["tasks"], s["metric"]
     T = len(names)
+    arch = (f"conv {'-'.join(map(str, cfg.channels))} + " if cfg.channels else "MLP ") + "-".join(map(str, cfg.hidden))
     lines = [f"# DEN on {cfg.data}, tasks {cfg.tasks} ({T} tasks, scored by {metric})", "",
-             f"MLP {'-'.join(map(str, cfg.hidden))}, {cfg.epochs} epochs per phase, lr {cfg.lr:g}, L1 {cfg.l1:g}, "
+             f"{arch}, {cfg.epochs} epochs per phase, lr {cfg.lr:g}, L1 {cfg.l1:g}, "
              f"tau {cfg.tau:g}, k {cfg.k}, group lasso {cfg.group:g}, sigma {cfg.sigma:g}, seed {cfg.seed}", "",
              "## Methods after the last task", "", "| method | average | forgetting | parameters | vs STL |",
              "|---|---:|---:|---:|---:|"]
