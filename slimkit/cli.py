@@ -178,7 +178,7 @@ def _cmd_den(args: argparse.Namespace) -> int:
         hidden, channels = (parsed, ()) if kind == "mlp" else ((), parsed)
     baselines = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
     cfg = DENConfig(data=args.data, tasks=args.tasks, hidden=hidden, channels=channels, image_size=args.image_size, epochs=args.epochs,
-                    lr=args.lr, batch_size=args.batch_size, l1=args.l1, l2=args.l2, tau=args.tau, k=args.k,
+                    lr=args.lr, batch_size=args.batch_size, l1=args.l1, l1_head=args.l1_head, l2=args.l2, tau=args.tau, k=args.k,
                     group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
                     seed=args.seed)
     if args.out is None:
@@ -408,12 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=_positive_float, default=0.05)
     d.add_argument("--batch-size", type=_positive_int, default=32)
     d.add_argument("--l1", type=_nonneg_float, default=1e-2, help="mu: L1 (proximal) on task 1, new heads and new units")
+    d.add_argument("--l1-head", type=_nonneg_float, default=5e-2, help="L1 on a new task's head (sparser heads select fewer units)")
     d.add_argument("--l2", type=_nonneg_float, default=1e-4, help="L2 of selective retraining")
     d.add_argument("--tau", type=_nonneg_float, default=0.05, help="expand when the task loss stays above tau")
     d.add_argument("-k", "--k", type=_positive_int, default=10, help="units added per hidden layer on expansion")
     d.add_argument("--group-lasso", type=_nonneg_float, default=0.05, help="gamma: group lasso on new units' incoming weights")
     d.add_argument("--drift-lambda", type=_nonneg_float, default=0.1, help="lambda of ||W^t - W^(t-1)||^2 before the split")
-    d.add_argument("--sigma", type=_nonneg_float, default=0.1, help="duplicate units whose drift exceeds sigma")
+    d.add_argument("--sigma", type=_nonneg_float, default=0.15, help="duplicate units whose drift exceeds sigma")
     d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
     d.add_argument("--seed", type=int, default=0)

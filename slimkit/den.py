@@ -62,8 +62,9 @@ def widths(net: DENNet) -> list[int]:
     return [_out(layer) for layer in net.hidden]
 
 
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
+def count_params(net: nn.Module, nonzero: bool = False) -> int:
+    """Parameters of ``net`` (dense storage), or only the non-zero ones (sparse storage)."""
+    return sum(int(p.ne(0).sum()) if nonzero else p.numel() for p in net.parameters())
 
 
 def refresh_spec(net: DENNet) -> DENNet:

@@ -157,16 +157,17 @@ class DENConfig:
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
     batch_size: int = 32
-    l1: float = 1e-2  # mu: L1 (proximal) on task 1, on the new head and on new units
+    l1: float = 1e-2  # mu: L1 (proximal) on task 1 and on new units
+    l1_head: float = 5e-2  # L1 on a new task's head while it alone trains: sparser heads select fewer units
     l2: float = 1e-4  # L2 of selective retraining
     tau: float = 0.05  # expand when task t's training loss after selective retraining exceeds tau
     k: int = 10  # units added per hidden layer on expansion
     group: float = 0.05  # gamma: group lasso on each new unit's incoming weights
     drift_lambda: float = 0.1  # lambda of ||W^t - W^{t-1}||^2 in the split retraining
-    sigma: float = 0.1  # split units whose drift rho exceeds sigma (see benchmarks/results/den_digits.md)
+    sigma: float = 0.15  # split units whose drift rho exceeds sigma (see benchmarks/results/den_digits.md)
     baselines: tuple[str, ...] = BASELINES
     l2_baseline: float = 0.01  # lambda of DNN-L2 (0.1 and 1 kept task 1 better but learned later tasks worse)
-    ewc_lambda: float = 100.0  # lambda of EWC
+    ewc_lambda: float = 1e4  # lambda of EWC (100 left it equal to plain fine-tuning on digits)
     seed: int = 0
 
     def __post_init__(self):
@@ -182,7 +183,7 @@ class DENConfig:
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise SlimkitError(f"{name} must be a positive number, got {v!r}")
-        for name in ("l1", "l2", "tau", "group", "drift_lambda", "sigma", "l2_baseline", "ewc_lambda"):
+        for name in ("l1", "l1_head", "l2", "tau", "group", "drift_lambda", "sigma", "l2_baseline", "ewc_lambda"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
                 raise SlimkitError(f"{name} must be a non-negative number, got {v!r}")
@@ -217,7 +218,7 @@ def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> 
     snap = D.snapshot(net)
     D.add_head(net, task.classes, gen)
     head = {f"heads.{t - 1}.weight": None, f"heads.{t - 1}.bias": None}
-    fit(head, D.FitPenalties(l1=cfg.l1))  # a sparse head: it selects the units task t reads
+    fit(head, D.FitPenalties(l1=cfg.l1_head))  # a sparse head: it selects the units task t reads
     selected = D.select_units(net, t)
     rec["selected"] = sum(len(s) for s in selected)
     fit(D.selected_masks(net, selected, t), D.FitPenalties(l2=cfg.l2))
@@ -275,7 +276,7 @@ def _sequential_baseline(name: str, tasks: list[Task], cfg: DENConfig, R: list[l
             for n, f in _fisher(net, t, task).items():
                 fisher[n] = fisher.get(n, torch.zeros_like(f)) + f
         R.append([score(net, j, tasks[j - 1]) for j in range(1, t + 1)])
-    return D.count_params(net)
+    return D.count_params(net), D.count_params(net, nonzero=True)
 
 
 def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> list[int]:
@@ -284,7 +285,7 @@ def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> list[int]:
         net = _new_net(cfg, (task.classes,), cfg.seed + t)
         D.fit(net, 1, task.train, _all(net), cfg.epochs, cfg.lr, cfg.batch_size, None, seed=cfg.seed * 1000 + t)
         nets.append(net)
-        sizes.append(D.count_params(net))
+        sizes.append((D.count_params(net), D.count_params(net, nonzero=True)))
         R.append([score(nets[j - 1], 1, tasks[j - 1]) for j in range(1, t + 1)])
     return sizes
 
@@ -309,7 +310,8 @@ def _mtl(tasks: list[Task], cfg: DENConfig) -> tuple[list[float], int]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return [score(net, j, tasks[j - 1]) for j in range(1, len(tasks) + 1)], D.count_params(net)
+    return [score(net, j, tasks[j - 1]) for j in range(1, len(tasks) + 1)], (D.count_params(net),
+                                                                            D.count_params(net, nonzero=True))
 
 
 def _metrics(R: list[list[float]]) -> dict[str, float]:
@@ -347,7 +349,7 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         rec = _den_task(net, t, task, cfg, gen)
         R.append([score(net, j, tasks[j - 1]) for j in range(1, t + 1)])
         rec.update(kind="task", method="den", task=t, name=task.name, widths=D.widths(net),
-                   params=D.count_params(net), scores=R[-1], seconds=time.perf_counter() - ts)
+                   params=D.count_params(net), nonzero=D.count_params(net, nonzero=True), scores=R[-1], seconds=time.perf_counter() - ts)
         log_record(metrics, rec)
         per_task.append(rec)
         save(net, out / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks, "record": rec},
@@ -355,23 +357,24 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         echo(f"task {t}/{len(tasks)} ({task.name}): {'AUROC' if task.binary else 'acc'} {100 * R[-1][-1]:.2f}, "
              f"average so far {100 * sum(R[-1]) / t:.2f}; selected {rec['selected']}, added {rec['added']}, "
              f"pruned {rec['pruned']}, duplicated {rec['duplicated']}; widths {rec['widths']}")
-    results = {"den": {"R": R, **_metrics(R), "params": D.count_params(net),
+    results = {"den": {"R": R, **_metrics(R), "params": D.count_params(net), "nonzero": D.count_params(net, True),
                        "params_per_task": [r["params"] for r in per_task]}}
     for b in cfg.baselines:
         tb = time.perf_counter()
         if b == "mtl":
-            final, params = _mtl(tasks, cfg)
+            final, (params, nz) = _mtl(tasks, cfg)
             results[b] = {"R": [final], "average": sum(final) / len(final), "forgetting": None, "bwt": None,
-                          "params": params}
+                          "params": params, "nonzero": nz}
         elif b == "stl":
             Rb: list[list[float]] = []
             sizes = _stl(tasks, cfg, Rb)
-            results[b] = {"R": Rb, **_metrics(Rb), "params": sum(sizes),
-                          "params_per_task": [sum(sizes[:i + 1]) for i in range(len(sizes))]}
+            results[b] = {"R": Rb, **_metrics(Rb), "params": sum(p for p, _ in sizes),
+                          "nonzero": sum(nz for _, nz in sizes),
+                          "params_per_task": [sum(p for p, _ in sizes[:i + 1]) for i in range(len(sizes))]}
         else:
             Rb = []
-            params = _sequential_baseline(b, tasks, cfg, Rb)
-            results[b] = {"R": Rb, **_metrics(Rb), "params": params}
+            params, nz = _sequential_baseline(b, tasks, cfg, Rb)
+            results[b] = {"R": Rb, **_metrics(Rb), "params": params, "nonzero": nz}
         log_record(metrics, {"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
         echo(f"baseline {b}: average {100 * results[b]['average']:.2f}"
              + (f", forgetting {100 * results[b]['forgetting']:.2f}" if results[b]["forgetting"] is not None else ""))
@@ -390,13 +393,14 @@ def _write_summary(out: Path, cfg: DENConfig, s: dict[str, Any]) -> None:
     lines = [f"# DEN on {cfg.data}, tasks {cfg.tasks} ({T} tasks, scored by {metric})", "",
              f"{arch}, {cfg.epochs} epochs per phase, lr {cfg.lr:g}, L1 {cfg.l1:g}, "
              f"tau {cfg.tau:g}, k {cfg.k}, group lasso {cfg.group:g}, sigma {cfg.sigma:g}, seed {cfg.seed}", "",
-             "## Methods after the last task", "", "| method | average | forgetting | parameters | vs STL |",
-             "|---|---:|---:|---:|---:|"]
+             "## Methods after the last task", "",
+             "| method | average | forgetting | parameters | vs STL | non-zero parameters |",
+             "|---|---:|---:|---:|---:|---:|"]
     stl = res.get("stl", {}).get("params")
     for m, r in res.items():
         f = "" if r["forgetting"] is None else f"{100 * r['forgetting']:.2f}"
         rel = f"{100 * r['params'] / stl:.0f}%" if stl else ""
-        lines.append(f"| {m.upper()} | {100 * r['average']:.2f} | {f} | {r['params']:,} | {rel} |")
+        lines.append(f"| {m.upper()} | {100 * r['average']:.2f} | {f} | {r['params']:,} | {rel} | {r['nonzero']:,} |")
     lines += ["", "Forgetting: mean over tasks j < T of R[j][j] - R[T][j] (backward transfer is its negative).", "",
               "## DEN: R[i][j], score on task j after learning task i", "",
               "| after \\ on | " + " | ".join(str(j + 1) for j in range(T)) + " |", "|---" * (T + 1) + "|"]
