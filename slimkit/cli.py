@@ -127,7 +127,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                        train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
                        train=_train_config(args))
     out = _run_dir("evolve", args)
-    evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
+    evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
     if _rank0():
         print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
     return 0
@@ -140,7 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, train=_train_config(args))
     out = _run_dir("train", args)
-    train(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty())
+    train(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
     if _rank0():
         print(f"wrote {out}/last.pt, summary.md, curves.png and metrics.jsonl")
     return 0
@@ -156,7 +156,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every)
     out = _run_dir("merge", args)
     merge(cfg, args.teachers, out, resume=args.resume is not None, arch=args.arch, num_classes=args.num_classes,
-          progress=sys.stderr.isatty())
+          progress=sys.stderr.isatty(), device=args.device)
     if _rank0():
         print(f"wrote {out}/big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
     return 0
@@ -257,6 +257,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda; CUDA trains "
+                   "under bf16 autocast with channels_last")
     p.add_argument("--out", help="new run directory (must be empty or absent)")
     p.add_argument("--resume", help="continue the run in this directory (same settings)")
 

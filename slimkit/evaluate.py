@@ -14,7 +14,10 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: 
     correct = total = 0
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            pred = model(x.to(device)).argmax(1).cpu()
+            x = x.to(device)
+            if str(device).startswith("cuda") and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            pred = model(x).argmax(1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
     finally:

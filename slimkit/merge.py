@@ -303,7 +303,8 @@ def _fold_gates(gated: GatedStudent, net: nn.Module) -> None:
     modules = dict(net.named_modules())
     for z, targets in zip(gated.gates(deterministic=True), gated.targets):
         for where, index in targets:
-            m, s = modules[where], z[index].to(modules[where].weight.dtype)
+            m = modules[where]
+            s = z[index.to(z.device)].to(device=m.weight.device, dtype=m.weight.dtype)
             if isinstance(m, _NORMS) and not m.affine:
                 raise SlimkitError(f"layer {where}: a BatchNorm without affine parameters cannot absorb its gate")
             m.weight.mul_(s.view(-1, *([1] * (m.weight.dim() - 1))))

@@ -314,3 +314,24 @@ def test_merge_ddp_two_cpu_processes(tmp_path, teachers):
     recs = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("phase") for r in recs if r["kind"] == "epoch"] == ["gates", "gates", "finetune"]
     assert load(tmp_path / "d" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
+
+
+@pytest.mark.parametrize("verb", ["train", "evolve", "merge"])
+@pytest.mark.parametrize("device,msg", [("cuda", "CUDA is not available"), ("tpu", "unknown device")])
+def test_device_refusals(cli, tmp_path, teachers, verb, device, msg):
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has a GPU")
+    extra = [*teachers, "--train-per-class", "6"] if verb == "merge" else []
+    r = cli(verb, *extra, "--device", device, "--out", tmp_path / "r")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and msg in r.err, r.err
+    assert not (tmp_path / "r").exists()
+
+
+def test_device_auto_is_cpu_here_and_bit_identical_to_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    train(_train_cfg(5), tmp_path / "a", progress=False, echo=lambda s: None, device="auto")
+    train(_train_cfg(5), tmp_path / "c", progress=False, echo=lambda s: None, device="cpu")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
+    c = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], c[k]) for k in a)

@@ -27,8 +27,9 @@ from slimkit.graph import ChannelGraph, prunable_layers
 from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
-from slimkit.training.loop import TrainConfig, make_optimizer, train_one_epoch
+from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model, train_one_epoch
 from slimkit.training.runs import (barrier, datasets, ddp, process_group, input_kwargs, log_record, num_classes_of,
+                                   resolve_device,
                                    check_run_dir, read_records, shift_augment, start_run_dir)
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
@@ -77,8 +78,9 @@ def reinit_reset(model: nn.Module, masks: dict[str, torch.Tensor], generator: to
     layers = prunable_layers(model)
     for name, mask in masks.items():
         w = layers[name].weight
-        fresh = torch.empty_like(w)
+        fresh = torch.empty(w.shape, dtype=w.dtype)  # drawn on the CPU: the same draw on every device
         nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        fresh = fresh.to(w.device)
         w.copy_(torch.where(mask.to(w.device), w, fresh))
 
 
@@ -92,7 +94,8 @@ def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
 
 
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
-           echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
+           echo: Callable[[str], None] = print, device: str = "cpu",
+           _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) Knowledge Evolution; returns one record per generation.
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
@@ -100,11 +103,11 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     """
     with process_group() as (rank, world):
         return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                       _stop_after_epochs, rank, world)
+                       _stop_after_epochs, rank, world, resolve_device(device))
 
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
-            _stop_after_epochs: int | None, rank: int, world: int) -> list[dict[str, Any]]:
+            _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu") -> list[dict[str, Any]]:
     main = rank == 0
     state_path, metrics = out / "state.pt", out / "metrics.jsonl"
     check_run_dir(out, cfg.to_json(), resume, "evolve")
@@ -131,7 +134,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         records = [r for r in read_records(metrics) if r.get("kind") == "generation" and r["generation"] < gen]
         echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
 
-    net = ddp(model, world)
+    net = ddp(prepare_model(model, device), world)
     epochs_run = 0
     while gen <= cfg.generations:
         t0 = time.perf_counter()
@@ -143,7 +146,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             opt_state = None
         for epoch in range(epoch_done, tc.epochs):
             te = time.perf_counter()
-            stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress)
+            stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress, device=device)
             train_s = time.perf_counter() - te
             epochs_run += 1
             if not main:
@@ -152,8 +155,8 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             # the extracted network's (the surgery invariant) and it needs no tracing
             record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == tc.epochs:
-                record.update(dense_acc=accuracy(model, test),
-                              fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test))
+                record.update(dense_acc=accuracy(model, test, device=device),
+                              fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
             log_record(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
             st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
             atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
@@ -162,12 +165,12 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         if not main:
             gen, epoch_done = gen + 1, 0
             continue
-        dense_acc = accuracy(model, test)
+        dense_acc = accuracy(model, test, device=device)
         if plan is not None:
-            fit = apply_plan(model, plan)
-            fit_acc = accuracy(fit, test)
+            fit = prepare_model(apply_plan(_on_cpu(model), plan), device)  # surgery traces on the CPU
+            fit_acc = accuracy(fit, test, device=device)
         else:
-            fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test)
+            fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device)
         gdir = out / f"gen{gen}"
         gdir.mkdir(exist_ok=True)
         from slimkit.checkpoint import save
@@ -187,6 +190,13 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
         atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
     return records
+
+
+def _on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself on the CPU, else a CPU copy in the standard memory format."""
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
 
 
 def _split_meta(cfg: EvolveConfig) -> dict[str, Any]:

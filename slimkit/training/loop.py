@@ -102,18 +102,19 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
         lr = lr_at(cfg, step, len(loader))
         for g in opt.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment is not None:
             x = augment(x)
-        if pairs is None:
-            logits = model(x)
-            loss = loss_fn(logits, y)
-        else:
-            x2 = pairs.partners(y).to(device)  # another image of the same class for every sample
-            if augment is not None:
-                x2 = augment(x2)
-            logits, logits2 = model(torch.cat([x, x2])).split(len(y))
-            loss = F.cross_entropy(logits, y) + cskd_term(logits, logits2.detach())
+        with _autocast(device):
+            if pairs is None:
+                logits = model(_layout(x, device))
+                loss = loss_fn(logits, y)
+            else:
+                x2 = pairs.partners(y).to(device)  # another image of the same class for every sample
+                if augment is not None:
+                    x2 = augment(x2)
+                logits, logits2 = model(_layout(torch.cat([x, x2]), device)).split(len(y))
+                loss = F.cross_entropy(logits, y) + cskd_term(logits, logits2.detach())
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -123,6 +124,30 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
     return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr}
+
+
+def _autocast(device: str):
+    """bf16 autocast on CUDA (no loss scaling needed); nothing on CPU, which stays bit-reproducible."""
+    import contextlib
+
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _layout(x: torch.Tensor, device: str) -> torch.Tensor:
+    """Images in channels_last on CUDA (tensor-core convs want NHWC); unchanged elsewhere."""
+    if str(device).startswith("cuda") and x.dim() == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def prepare_model(model: nn.Module, device: str) -> nn.Module:
+    """Move ``model`` to ``device``; conv nets on CUDA take channels_last weights."""
+    model.to(device)
+    if str(device).startswith("cuda") and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def cskd_term(logits: torch.Tensor, partner_logits: torch.Tensor) -> torch.Tensor:

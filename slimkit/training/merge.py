@@ -23,9 +23,9 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
-from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer
+from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
 from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, load_state, log_record,
-                                   num_classes_of, process_group, read_records, run_epochs, save_state,
+                                   num_classes_of, process_group, read_records, resolve_device, run_epochs, save_state,
                                    shift_augment, start_run_dir)
 
 __all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
@@ -112,15 +112,17 @@ def _read_teachers(paths: list[str | Path], arch: str | None, num_classes: int |
 
 def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume: bool = False,
           arch: str | None = None, num_classes: int | None = None, progress: bool = True,
-          echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> dict[str, Any]:
+          echo: Callable[[str], None] = print, device: str = "cpu",
+          _stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Run (or resume) a merge; returns the summary record (accuracies and parameter counts)."""
     with process_group() as (rank, world):
         return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world)
+                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world,
+                      resolve_device(device))
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
-           stop: StopAfter, rank: int, world: int) -> dict[str, Any]:
+           stop: StopAfter, rank: int, world: int, device: str) -> dict[str, Any]:
     from slimkit.checkpoint import save
     from slimkit.merge import GatedStudent, compress, concat_teachers
 
@@ -162,7 +164,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     torch.manual_seed(cfg.gate.seed)
     gated = GatedStudent(big)
     if st["phase"] == "gates":
-        net = ddp(gated, world)
+        net = ddp(prepare_model(gated, device), world)
         weights = [p for n, p in gated.named_parameters() if not n.startswith("log_alpha")]
         sgd = torch.optim.SGD(weights, lr=cfg.gate.lr, momentum=cfg.gate.momentum, weight_decay=cfg.gate.weight_decay)
         adam = torch.optim.Adam(gated.log_alpha.parameters(), lr=cfg.gate_lr, weight_decay=0.0)
@@ -185,11 +187,12 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         finished = run_epochs(
             net=net, model=gated, train=train_ds, test=test, opt=opt, cfg=cfg.gate, phase="gates",
             start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
-            augment=augment, extra_loss=lambda: lam[0] * gated.penalty(), on_epoch=on_epoch, stop=stop,
+            augment=augment, extra_loss=lambda: lam[0] * gated.penalty(), on_epoch=on_epoch, stop=stop, device=device,
             state=lambda done: {"phase": "gates", "epochs_done": done, "model": gated.state_dict(),
                                 "optimizer": opt.state_dict(), "lambda": lam[0]})
         if not finished:
             return {}
+        gated.to("cpu", memory_format=torch.contiguous_format)  # surgery traces on the CPU
         student, plan = compress(gated, ta)
         if main:
             rec = {"kind": "compressed", "gated": accuracy(gated, test), "compressed": accuracy(student, test),
@@ -208,19 +211,19 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         student.load_state_dict(st["model"])
 
     # --- fine-tuning -------------------------------------------------------------------------
-    net = ddp(student, world)
+    net = ddp(prepare_model(student, device), world)
     opt = make_optimizer(net, cfg.finetune)
     if st.get("optimizer") is not None:
         opt.load_state_dict(st["optimizer"])
     finished = run_epochs(
         net=net, model=student, train=train_ds, test=test, opt=opt, cfg=cfg.finetune, phase="finetune",
         start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
-        augment=augment, stop=stop, generation=2,  # its own per-epoch seeds, not the gate phase's
+        augment=augment, stop=stop, generation=2, device=device,  # its own per-epoch seeds, not the gate phase's
         state=lambda done: {"phase": "finetune", "epochs_done": done, "model": student.state_dict(),
                             "optimizer": opt.state_dict()})
     if not finished or not main:
         return {}
-    acc = accuracy(student, test)
+    acc = accuracy(student, test, device=device)
     save(student, out / "last.pt", force=True, metrics={"test_acc": acc},
          data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0},
          provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})

@@ -21,7 +21,7 @@ from slimkit.fileio import atomic_write
 from slimkit.models import model_params
 
 __all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "log_record", "read_records",
-           "distributed", "check_run_dir", "start_run_dir", "barrier", "ddp", "process_group",
+           "distributed", "resolve_device", "check_run_dir", "start_run_dir", "barrier", "ddp", "process_group",
            "StopAfter", "run_epochs", "save_state", "load_state", "num_classes_of"]
 
 
@@ -39,6 +39,21 @@ def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | N
     if train_per_class is not None:
         train = per_class_subset(train, train_per_class, subset_seed)
     return train, test
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is refused."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise SlimkitError(f"unknown device {name!r}; use auto, cpu or cuda")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SlimkitError(f"--device {name}: CUDA is not available on this machine (torch sees no GPU); use cpu or auto")
+    if name == "cuda" and int(os.environ.get("LOCAL_RANK", "-1")) >= 0:
+        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
+    if name.startswith("cuda:"):
+        torch.cuda.set_device(int(name.split(":")[1]))
+    return name
 
 
 def num_classes_of(train: Dataset, test: Dataset) -> int:
@@ -150,6 +165,9 @@ def ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[dev.index])
     return DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
 
 
@@ -189,7 +207,7 @@ def run_epochs(*, net: torch.nn.Module, model: torch.nn.Module, train: Dataset, 
                phase: str, start: int, out: Path, main: bool, progress: bool, eval_every: int,
                state: Callable[[int], dict[str, Any]], augment=None, extra_loss=None,
                on_epoch: Callable[[int, dict[str, Any]], None] | None = None, stop: StopAfter | None = None,
-               generation: int = 1) -> bool:
+               generation: int = 1, device: str = "cpu") -> bool:
     """Train epochs ``start..cfg.epochs-1`` of one phase, logging and checkpointing state after each.
 
     ``net`` is what trains (possibly DDP-wrapped), ``model`` what is evaluated. ``state(epochs_done)``
@@ -203,14 +221,14 @@ def run_epochs(*, net: torch.nn.Module, model: torch.nn.Module, train: Dataset, 
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(net, train, opt, cfg, generation, epoch, augment=augment, progress=progress,
-                                desc=phase, extra_loss=extra_loss)
+                                desc=phase, extra_loss=extra_loss, device=device)
         train_s = time.perf_counter() - t0
         record = {"kind": "epoch", "phase": phase, "epoch": epoch + 1, **stats}
         if on_epoch is not None:
             on_epoch(epoch, record)  # on every rank: it may change training state (merge's lambda)
         if main:
             if (epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs:
-                record["test_acc"] = accuracy(model, test)
+                record["test_acc"] = accuracy(model, test, device=device)
             log_record(out / "metrics.jsonl", {**record, "train_seconds": train_s,
                                                "seconds": time.perf_counter() - t0})
             save_state(out, state(epoch + 1))

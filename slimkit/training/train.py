@@ -14,10 +14,10 @@ import torch
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.models import create_model, input_shape_of
-from slimkit.training.loop import TrainConfig, make_optimizer
+from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model
 from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, input_kwargs, load_state,
-                                   num_classes_of, process_group, read_records, run_epochs, shift_augment,
-                                   start_run_dir)
+                                   num_classes_of, process_group, read_records, resolve_device, run_epochs,
+                                   shift_augment, start_run_dir)
 
 __all__ = ["TrainRunConfig", "train", "plot_curves"]
 
@@ -47,15 +47,18 @@ class TrainRunConfig:
 
 
 def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = print, _stop_after_epochs: int | None = None) -> dict[str, Any]:
-    """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params)."""
+          echo: Callable[[str], None] = print, device: str = "cpu",
+          _stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
+
+    ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last."""
     with process_group() as (rank, world):
         return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                      StopAfter(_stop_after_epochs), rank, world)
+                      StopAfter(_stop_after_epochs), rank, world, resolve_device(device))
 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
-           rank: int, world: int) -> dict[str, Any]:
+           rank: int, world: int, device: str) -> dict[str, Any]:
     main = rank == 0
     check_run_dir(out, cfg.to_json(), resume, "train")
     kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
@@ -66,7 +69,7 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     if main and not resume:
         start_run_dir(out, cfg.to_json())
-    net = ddp(model, world)
+    net = ddp(prepare_model(model, device), world)
     opt = make_optimizer(net, cfg.train)
     start = 0
     if resume:
@@ -78,11 +81,11 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
     finished = run_epochs(
         net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
         out=out, main=main, progress=progress, eval_every=cfg.eval_every,
-        augment=shift_augment if cfg.data == "digits" else None, stop=stop,
+        augment=shift_augment if cfg.data == "digits" else None, stop=stop, device=device,
         state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
     if not finished or not main:
         return {}
-    acc = accuracy(model, test)
+    acc = accuracy(model, test, device=device)
     from slimkit.checkpoint import save
 
     save(model, out / "last.pt", force=True,
