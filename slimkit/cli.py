@@ -119,6 +119,15 @@ def _rank0() -> bool:
     return int(__import__("os").environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes and speaks
 
 
+def _launch(verb: str, args: argparse.Namespace, run, wrote: str) -> int:
+    """Start or resume a training run in --out/--resume and say what it wrote (rank 0 only)."""
+    out = _run_dir(verb, args)
+    run(out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
+    if _rank0():
+        print(f"wrote {out}/{wrote}")
+    return 0
+
+
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from slimkit.training.evolve import EvolveConfig, evolve
 
@@ -126,11 +135,8 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
                        generations=args.generations, image_size=args.image_size,
                        train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
                        train=_train_config(args))
-    out = _run_dir("evolve", args)
-    evolve(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
-    if _rank0():
-        print(f"wrote {out}/summary.md, generations.png, metrics.jsonl and gen*/last.pt")
-    return 0
+    return _launch("evolve", args, lambda out, **kw: evolve(cfg, out, **kw),
+                   "summary.md, generations.png, metrics.jsonl and gen*/last.pt")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -139,11 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, train=_train_config(args))
-    out = _run_dir("train", args)
-    train(cfg, out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
-    if _rank0():
-        print(f"wrote {out}/last.pt, summary.md, curves.png and metrics.jsonl")
-    return 0
+    return _launch("train", args, lambda out, **kw: train(cfg, out, **kw),
+                   "last.pt, summary.md, curves.png and metrics.jsonl")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -154,12 +157,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                       finetune=_train_config(args, args.finetune_epochs, args.finetune_lr, args.finetune_warmup_epochs),
                       gate_lr=args.gate_lr, lambda_init=args.lambda_init, lambda_step=args.lambda_step,
                       eval_every=args.eval_every)
-    out = _run_dir("merge", args)
-    merge(cfg, args.teachers, out, resume=args.resume is not None, arch=args.arch, num_classes=args.num_classes,
-          progress=sys.stderr.isatty(), device=args.device)
-    if _rank0():
-        print(f"wrote {out}/big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
-    return 0
+    return _launch("merge", args, lambda out, **kw: merge(cfg, args.teachers, out, arch=args.arch,
+                                                           num_classes=args.num_classes, **kw),
+                   "big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
 
 
 def _cmd_den(args: argparse.Namespace) -> int:
@@ -256,6 +256,17 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at the end)")
 
 
+def _from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    """Network, schedule, optimiser and data flags of the verbs that train a registry net from scratch."""
+    p.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    p.add_argument("--epochs", type=_positive_int, default=30, help=epochs_help)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
+    p.add_argument("--warmup-epochs", type=int, default=5)
+    _optim_args(p)
+    _data_args(p)
+    p.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+
+
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda; CUDA trains "
                    "under bf16 autocast with channels_last")
@@ -337,19 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         "generation the dense network and its fit hypothesis are evaluated. Writes genN/last.pt, metrics.jsonl, "
         "summary.md and generations.png; --resume continues an interrupted run from its last finished epoch.",
     )
-    v.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    _from_scratch_args(v, "epochs per generation")
     v.add_argument("--split-mode", default="kels", choices=("kels", "wels"))
     v.add_argument("--split-rate", type=_split_rate, default=0.5)
     v.add_argument("--round-to", type=_positive_int, default=1,
                    help="round KELS widths up to a multiple of N (e.g. 8 or 16) so the slim network suits blocked "
                    "conv kernels; the paper's split is 1")
     v.add_argument("--generations", type=_positive_int, default=5)
-    v.add_argument("--epochs", type=_positive_int, default=30, help="epochs per generation")
-    v.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
-    v.add_argument("--warmup-epochs", type=int, default=5)
-    _optim_args(v)
-    _data_args(v)
-    v.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
     _run_args(v)
     v.set_defaults(func=_cmd_evolve)
 
@@ -358,13 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a registry network from scratch with the loop evolve uses (SGD, cosine with warm-up). "
         "Writes last.pt, metrics.jsonl, summary.md and curves.png; --resume continues from the last finished epoch.",
     )
-    t.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
-    t.add_argument("--epochs", type=_positive_int, default=30)
-    t.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
-    t.add_argument("--warmup-epochs", type=int, default=5)
-    _optim_args(t)
-    _data_args(t)
-    t.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+    _from_scratch_args(t, "training epochs")
     t.add_argument("--subset-seed", type=int, default=0, help="which --train-per-class subset (default 0, independent of --seed)")
     _run_args(t)
     t.set_defaults(func=_cmd_train)
