@@ -297,15 +297,20 @@ class DENNet(nn.Module):
 
 
 @register_model("den_mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
-def den_mlp(hidden: tuple[int, ...] = (312, 128), heads: tuple[int, ...] = (2,), in_chans: int = 1,
-            image_size: int = 8) -> nn.Module:
-    return DENNet((in_chans, image_size, image_size), tuple(hidden), tuple(heads))
+def den_mlp(num_classes: int = 2, hidden: tuple[int, ...] = (312, 128), heads: tuple[int, ...] | None = None,
+            in_chans: int = 1, image_size: int = 8) -> nn.Module:
+    """DEN's MLP. ``heads`` lists each task's classes; without it, one head of ``num_classes``."""
+    return DENNet((in_chans, image_size, image_size), tuple(hidden), _heads(heads, num_classes))
+
+
+def _heads(heads, num_classes: int) -> tuple[int, ...]:
+    return tuple(heads) if heads is not None else (num_classes,)
 
 
 @register_model("den_conv", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))
-def den_conv(channels: tuple[int, ...] = (16, 32), hidden: tuple[int, ...] = (), heads: tuple[int, ...] = (2,),
-             in_chans: int = 1, image_size: int = 8) -> nn.Module:
+def den_conv(num_classes: int = 2, channels: tuple[int, ...] = (16, 32), hidden: tuple[int, ...] = (),
+             heads: tuple[int, ...] | None = None, in_chans: int = 1, image_size: int = 8) -> nn.Module:
     """DEN's conv variant: units are channels (3x3 convs, max-pool, global average pool), then Linear units."""
     if not channels:
         raise SlimkitError("den_conv needs at least one conv layer")
-    return DENNet((in_chans, image_size, image_size), tuple(hidden), tuple(heads), tuple(channels))
+    return DENNet((in_chans, image_size, image_size), tuple(hidden), _heads(heads, num_classes), tuple(channels))
