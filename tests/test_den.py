@@ -241,3 +241,22 @@ def test_conv_den_run(tmp_path, cli):
             "--baselines", "dnn", "--out", tmp_path / "c")
     assert r.code == 0, r.err
     assert "conv 8-8" in (tmp_path / "c" / "summary.md").read_text()
+
+
+def test_den_on_an_image_folder(tmp_path, cli):
+    import numpy as np
+    from PIL import Image
+
+    from slimkit.data import digits
+
+    for split in ("train", "test"):
+        x, y = digits(split, image_size=8).tensors
+        for i in range(0, len(y), 6 if split == "train" else 4):
+            d = tmp_path / "imgs" / split / f"c{int(y[i])}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(((x[i, 0].numpy() + 1) * 127.5).astype(np.uint8)).convert("RGB").save(d / f"{i}.png")
+    r = cli("den", "--data", tmp_path / "imgs", "--tasks", "split:2", "--arch", "mlp:16,8", "--epochs", "2",
+            "--baselines", "none", "--out", tmp_path / "r")
+    assert r.code == 0, r.err
+    net = load(tmp_path / "r" / "task2.pt")
+    assert net.slimkit_spec.input_shape == (3, 8, 8)  # image folders are read as RGB

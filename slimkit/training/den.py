@@ -55,7 +55,7 @@ def _tensors(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, to
     if data == "digits":
         tr, te = digits("train", image_size=image_size), digits("test", image_size=image_size)
     else:
-        shape = (1, image_size, image_size)
+        shape = (3, image_size, image_size)  # image folders give RGB
         tr, te = image_dir(data, shape, "train"), image_dir(data, shape, "test")
     xs, ys = [], []
     for ds in (tr, te):
@@ -201,9 +201,10 @@ def _all(net) -> dict[str, None]:
 
 def _new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int):
     torch.manual_seed(seed)
+    io = dict(heads=heads, image_size=cfg.image_size, in_chans=1 if cfg.data == "digits" else 3)
     if cfg.channels:
-        return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
-    return create_model("den_mlp", hidden=cfg.hidden, heads=heads, image_size=cfg.image_size)
+        return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, **io)
+    return create_model("den_mlp", hidden=cfg.hidden, **io)
 
 
 def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> dict[str, Any]:
