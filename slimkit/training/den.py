@@ -235,12 +235,29 @@ def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> 
         D.remove_units(net, dead)
     # split: retrain W_S towards W^{t-1}, duplicate the units that drifted anyway
     fit(D.selected_masks(net, selected, t), D.FitPenalties(l2_to=cfg.drift_lambda, ref=snap))
+    rho = D.drift(net, snap)
     dup = D.split_units(net, snap, cfg.sigma, t)
     rec["duplicated"] = sum(len(d) for d in dup)
     if rec["duplicated"] or rec["added"]:
-        fit(D.new_unit_masks(net, t), D.FitPenalties(), epochs=max(1, cfg.epochs // 3))
+        # the split changed task t's network (restored originals still feed it): retrain briefly what task t
+        # may change: the units stamped t, the head, and the selected old units that drifted but stayed under
+        # sigma (anchored as before). Restored units and units that never moved stay exactly as they are.
+        allowed = [[i for i in sel if 0 < float(rho[layer][i]) <= cfg.sigma] for layer, sel in enumerate(selected)]
+        masks = _union(D.selected_masks(net, allowed, t), D.new_unit_masks(net, t))
+        fit(masks, D.FitPenalties(l2_to=cfg.drift_lambda, ref=snap), epochs=max(1, cfg.epochs // 3))
     rec["loss"] = D.task_loss(net, t, task.train)
     return rec
+
+
+def _union(a: dict, b: dict) -> dict:
+    """Entry-wise OR of two gradient-mask dicts (None frees the whole parameter)."""
+    out = dict(a)
+    for n, m in b.items():
+        if n not in out or out[n] is None or m is None:
+            out[n] = None if (m is None or out.get(n, 0) is None) else m
+        else:
+            out[n] = out[n] | m
+    return out
 
 
 def _fisher(net, t: int, task: Task) -> dict[str, torch.Tensor]:
