@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-k", "--k", type=_positive_int, default=10, help="units added per hidden layer on expansion")
     d.add_argument("--group-lasso", type=_nonneg_float, default=0.05, help="gamma: group lasso on new units' incoming weights")
     d.add_argument("--drift-lambda", type=_nonneg_float, default=0.1, help="lambda of ||W^t - W^(t-1)||^2 before the split")
-    d.add_argument("--sigma", type=_nonneg_float, default=0.15, help="duplicate units whose drift exceeds sigma")
+    d.add_argument("--sigma", type=_nonneg_float, default=0.2, help="duplicate units whose drift exceeds sigma")
     d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
     d.add_argument("--seed", type=int, default=0)

@@ -164,7 +164,7 @@ class DENConfig:
     k: int = 10  # units added per hidden layer on expansion
     group: float = 0.05  # gamma: group lasso on each new unit's incoming weights
     drift_lambda: float = 0.1  # lambda of ||W^t - W^{t-1}||^2 in the split retraining
-    sigma: float = 0.15  # split units whose drift rho exceeds sigma (see benchmarks/results/den_digits.md)
+    sigma: float = 0.2  # split units whose drift rho exceeds sigma (see benchmarks/results/den_digits.md)
     baselines: tuple[str, ...] = BASELINES
     l2_baseline: float = 0.01  # lambda of DNN-L2 (0.1 and 1 kept task 1 better but learned later tasks worse)
     ewc_lambda: float = 1e4  # lambda of EWC (100 left it equal to plain fine-tuning on digits)
