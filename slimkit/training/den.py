@@ -157,8 +157,8 @@ class DENConfig:
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
     batch_size: int = 32
-    l1: float = 1e-2  # mu: L1 (proximal) on task 1 and on new units
-    l1_head: float = 5e-2  # L1 on a new task's head while it alone trains: sparser heads select fewer units
+    l1: float = 3e-3  # mu: L1 (proximal) on task 1 and on new units (1e-2 starved one-vs-rest tasks)
+    l1_head: float = 1e-2  # L1 on a new task's head while it alone trains: sparser heads select fewer units
     l2: float = 1e-4  # L2 of selective retraining
     tau: float = 0.05  # expand when task t's training loss after selective retraining exceeds tau
     k: int = 10  # units added per hidden layer on expansion
