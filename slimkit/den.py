@@ -29,6 +29,8 @@ from slimkit.errors import SlimkitError
 from slimkit.models import DENNet, ModelSpec
 from slimkit.plan import KeepPlan
 
+CLIP = 5.0  # gradient-norm clip of every DEN training step
+
 __all__ = ["refresh_spec", "add_head", "select_units", "grow", "remove_units", "snapshot", "drift",
            "split_units", "new_unit_masks", "selected_masks", "fit", "FitPenalties", "dead_units", "widths",
            "count_params"]
@@ -365,6 +367,10 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
                 for n, p in train.items():
                     if masks[n] is not None and p.grad is not None:
                         p.grad.mul_(masks[n].to(p.grad.dtype))
+                if not torch.isfinite(reg):
+                    raise SlimkitError(f"training task {task} diverged (loss {float(reg)}); lower --lr")
+                # a step of at most norm CLIP: one-vs-rest digits diverged to NaN without it (seed 2, task 9)
+                torch.nn.utils.clip_grad_norm_(list(train.values()), CLIP)
                 opt.step()
                 with torch.no_grad():
                     for n in l1_names if pen.l1 else ():
