@@ -188,16 +188,25 @@ def _cmd_den(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nonneg_float(text: str) -> float:
+def _real(positive: bool):
+    """argparse type for a finite number, > 0 (``positive``) or >= 0."""
     import math
 
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-    return v
+    word = "positive" if positive else "non-negative"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}") from None
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_float, _nonneg_float = _real(True), _real(False)
 
 
 def _fail(verb: str, msg: str) -> int:
@@ -211,18 +220,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for family in ("torchvision", "small"):
         print(f"{family}: {', '.join(list_models(family))}")
     return 0
-
-
-def _positive_float(text: str) -> float:
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:

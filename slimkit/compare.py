@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from slimkit.bench import BenchResult, bench, check_trial, onnx_runner, plot, torch_runner
+from slimkit.bench import bench, check_trial, onnx_runner, plot, torch_runner
 from slimkit.checkpoint import read
 from slimkit.cost import count_params
 from slimkit.errors import SlimkitError

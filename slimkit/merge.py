@@ -156,8 +156,6 @@ def concat_teachers(a: nn.Module, b: nn.Module, atol: float = 1e-5) -> nn.Module
         diff = "architecture" if sa.arch != sb.arch else next(k for k in sa.args if sa.args.get(k) != sb.args.get(k))
         raise SlimkitError(f"the teachers differ in {diff}: {sa.arch}{_args(sa.args)} vs {sb.arch}{_args(sb.args)}; "
                            "merging needs two networks of one architecture, classes and input shape")
-    if sa.input_shape != sb.input_shape:
-        raise SlimkitError(f"the teachers take different inputs: {list(sa.input_shape)} vs {list(sb.input_shape)}")
     if plans_of(a) or plans_of(b) or getattr(a, "slimkit_concat", 1) != 1 or getattr(b, "slimkit_concat", 1) != 1:
         raise SlimkitError("merging needs two dense teachers; a sliced or already merged network cannot be a teacher")
     a, b = a.eval(), b.eval()
@@ -213,16 +211,17 @@ class GatedStudent(nn.Module):
                 targets.append((where, index))
             self.targets.append(targets)
         self._z: list[torch.Tensor] | None = None
-        self._handles = []
         for gi, targets in enumerate(self.targets):
             for where, index in targets:
-                self._handles.append(modules[where].register_forward_hook(self._hook(gi, index)))
+                name = f"_index{len(self._buffers)}"  # a buffer, so it moves with .to(device)
+                self.register_buffer(name, index.clone(), persistent=False)
+                modules[where].register_forward_hook(self._hook(gi, name))
 
-    def _hook(self, gi: int, index: torch.Tensor):
+    def _hook(self, gi: int, index_name: str):
         def apply(module, inputs, output):
             if self._z is None:  # the bare network called directly, outside the GatedStudent: ungated
                 return output
-            z = self._z[gi][index.to(output.device)]
+            z = self._z[gi][getattr(self, index_name)]
             return output * z.view(1, -1, *([1] * (output.dim() - 2)))
         return apply
 
@@ -264,13 +263,6 @@ class GatedStudent(nn.Module):
             return self.net(x)
         finally:
             self._z = None
-
-    def detach_gates(self) -> nn.Module:
-        """Remove the hooks and return the bare network (the gate values are forgotten)."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return self.net
 
 
 def _norm_after(graph: ChannelGraph, producer: nn.Module, names: dict[nn.Module, str]) -> str | None:
@@ -319,16 +311,7 @@ def compress(gated: GatedStudent, teacher_like: nn.Module, keep_fraction: float 
     scale, so the result equals ``gated`` in eval mode with every dropped channel's gate closed.
     """
     plan = gate_plan(gated, keep_fraction)
-    handles, gated._handles = gated._handles, []  # deepcopy must not copy hooks that point at `gated`
-    try:
-        for h in handles:
-            h.remove()
-        net = copy.deepcopy(gated.net)
-    finally:
-        modules = dict(gated.net.named_modules())
-        for gi, targets in enumerate(gated.targets):
-            for where, index in targets:
-                gated._handles.append(modules[where].register_forward_hook(gated._hook(gi, index)))
+    net = copy.deepcopy(gated.net)  # its copied hooks see no sampled gates and pass outputs through
     _fold_gates(gated, net)
     spec = spec_of(teacher_like)
     net.slimkit_spec = spec

@@ -274,9 +274,9 @@ def _bad_merge_inputs(tmp_path, teachers):
     t1, t2 = teachers
     common = ["--train-per-class", "6", "--out", tmp_path / "out"]
     return {
-        "arch": (["merge", t1, other, *common], "different architectures"),
-        "classes": (["merge", t1, classes, *common], "different class counts"),
-        "shape": (["merge", t1, shape, *common], "input shapes"),
+        "arch": (["merge", t1, other, *common], "differ in architecture"),
+        "classes": (["merge", t1, classes, *common], "differ in num_classes"),
+        "shape": (["merge", t1, shape, *common], "differ in image_size"),
         "plain-no-arch": (["merge", t1, tmp_path / "plain.pt", *common], "--arch"),
         "gate-epochs-0": (["merge", t1, t2, "--gate-epochs", "0", *common], "positive integer"),
         "finetune-epochs-neg": (["merge", t1, t2, "--finetune-epochs", "-3", *common], "positive integer"),

@@ -1,7 +1,6 @@
 """Split masks: KELS matches the paper's rule written independently; WELS is exact and seeded."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

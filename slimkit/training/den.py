@@ -333,12 +333,10 @@ def _mtl(tasks: list[Task], cfg: DENConfig) -> tuple[list[float], int]:
 
 
 def _metrics(R: list[list[float]]) -> dict[str, float]:
-    T = len(R)
-    final = R[-1]
-    avg = sum(final) / len(final)
-    forgetting = [R[j][j] - R[-1][j] for j in range(T - 1)] if len(R) == T and all(len(r) == i + 1 for i, r in enumerate(R)) else []
-    return {"average": avg, "forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
-            "bwt": -sum(forgetting) / len(forgetting) if forgetting else 0.0}
+    """Average of the last row of R, and forgetting: mean over j < T of R[j][j] - R[T][j]."""
+    drops = [R[j][j] - R[-1][j] for j in range(len(R) - 1)]
+    forgetting = sum(drops) / len(drops) if drops else 0.0
+    return {"average": sum(R[-1]) / len(R[-1]), "forgetting": forgetting, "bwt": -forgetting}
 
 
 def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -92,22 +92,7 @@ def _read_teachers(paths: list[str | Path], arch: str | None, num_classes: int |
         raise SlimkitError(f"merge takes exactly two teacher checkpoints, got {len(paths)}")
     if Path(paths[0]).resolve() == Path(paths[1]).resolve():
         raise SlimkitError(f"both teachers are {paths[0]}; merging needs two independently trained networks")
-    loaded = [read(p, arch=arch, num_classes=num_classes) for p in paths]
-    specs = [ld.model.slimkit_spec for ld in loaded]
-    a, b = specs
-    if a.arch != b.arch:
-        raise SlimkitError(f"the teachers have different architectures: {paths[0]} is {a.arch}, {paths[1]} is {b.arch}")
-    ca, cb = a.args.get("num_classes"), b.args.get("num_classes")
-    if ca != cb:
-        raise SlimkitError(f"the teachers have different class counts: {paths[0]} has {ca}, {paths[1]} has {cb}")
-    if a.input_shape != b.input_shape or a.args != b.args:
-        what = f"input shapes {list(a.input_shape)} vs {list(b.input_shape)}" if a.input_shape != b.input_shape \
-            else f"constructor arguments {a.args} vs {b.args}"
-        raise SlimkitError(f"the teachers differ in {what}; merging needs two networks of one architecture")
-    for ld in loaded:
-        if getattr(ld.model, "slimkit_plans", None) or getattr(ld.model, "slimkit_concat", 1) != 1:
-            raise SlimkitError(f"{ld.path} is a sliced or merged network; merging needs two dense teachers")
-    return loaded
+    return [read(p, arch=arch, num_classes=num_classes) for p in paths]
 
 
 def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume: bool = False,
@@ -127,10 +112,14 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     from slimkit.merge import GatedStudent, compress, concat_teachers
 
     main = rank == 0
-    loaded = _read_teachers(paths, arch, num_classes)  # bad teachers are refused before anything is written
+    loaded = _read_teachers(paths, arch, num_classes)
+    ta, tb = (ld.model for ld in loaded)
+    try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
+        big = concat_teachers(ta, tb)
+    except SlimkitError as exc:
+        raise SlimkitError(f"cannot merge {paths[0]} and {paths[1]}: {exc}") from None
     config = {**cfg.to_json(), "teachers": [ld.sha256 for ld in loaded]}
     check_run_dir(out, config, resume, "merge")
-    ta, tb = (ld.model for ld in loaded)
     spec = ta.slimkit_spec
     c, h = spec.input_shape[0], spec.input_shape[1]
     train_ds, test = datasets(cfg.data, c, h, cfg.train_per_class, cfg.subset_seed)
@@ -143,7 +132,6 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     augment = shift_augment if cfg.data == "digits" else None
     metrics = out / "metrics.jsonl"
 
-    big = concat_teachers(ta, tb)
     if not resume and main:
         rec = {"kind": "teachers", "teacher_a": accuracy(ta, test), "teacher_b": accuracy(tb, test),
                "ensemble": ensemble_accuracy([ta, tb], test), "big_student": accuracy(big, test),

@@ -171,9 +171,6 @@ def ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
 
 
-def quiet_unless(main: bool, echo: Callable[[str], None]) -> Callable[[str], None]:
-    return echo if main else (lambda s: None)
-
 
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
