@@ -149,19 +149,10 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress, device=device)
             train_s = time.perf_counter() - te
             epochs_run += 1
-            if not main:
-                continue
-            # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
-            # the extracted network's (the surgery invariant) and it needs no tracing
-            record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == tc.epochs:
-                record.update(dense_acc=accuracy(model, test, device=device),
-                              fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
-            log_record(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - te})
-            st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
-            atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
+            if main:
+                _log_epoch(cfg, model, masks, test, metrics, state_path, opt, gen, epoch, stats, train_s, te, device)
             if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
-                return records  # simulated crash, for the resume test
+                return records  # simulated crash on every rank, for the resume tests
         if not main:
             gen, epoch_done = gen + 1, 0
             continue
@@ -190,6 +181,21 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
         atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
     return records
+
+
+def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, metrics: Path,
+               state_path: Path, opt, gen: int, epoch: int, stats: dict[str, float], train_s: float, t0: float,
+               device: str) -> None:
+    """Rank 0 after an epoch: evaluate (every ``eval_every`` epochs), log, and save the resume state."""
+    # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
+    # the extracted network's (the surgery invariant) and it needs no tracing
+    record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        record.update(dense_acc=accuracy(model, test, device=device),
+                      fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
+    log_record(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+    st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:
