@@ -1,7 +1,13 @@
 """`slimkit bench`: latency and throughput of ONNX files (ONNX Runtime) and checkpoints (torch eager).
 
-Models compared in one run are timed interleaved (A B A B ...) so drift of the machine (turbo,
-thermal, other load) hits them alike. onnxruntime and matplotlib are imported where used.
+Models compared in one run are timed interleaved, in short blocks (A A A A A, B B B B B, then
+B..., A..., and so on) so drift of the machine (turbo, thermal, other load) hits them alike. Before
+each block the runner waits ``settle`` seconds and runs once untimed: every ONNX Runtime session
+owns a thread pool whose workers spin for a while after a run, and torch's OpenMP threads do too,
+so a model timed right after another one shares the CPU with the previous model's spinning threads.
+Measured on a 2-vCPU machine (benchmarks/README.md): resnet18 at batch 1 took 10 ms alone and
+19-28 ms when timed run-by-run after two other sessions; with a 50 ms settle and a warm run it is
+back to its alone figure. onnxruntime and matplotlib are imported where used.
 """
 from __future__ import annotations
 
@@ -250,9 +256,18 @@ def _pct(sorted_ms: list[float], q: float) -> float:
 
 
 def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, runs: int = 50,
-          threads: int | None = None, progress: bool = False) -> list[BenchResult]:
-    """Time every runner at every batch size, interleaved round by round."""
+          threads: int | None = None, progress: bool = False, block: int = 5,
+          settle: float = 0.05) -> list[BenchResult]:
+    """Time every runner at every batch size: ``runs`` timed runs each, interleaved in blocks.
+
+    With several runners, each visit to a runner sleeps ``settle`` seconds (other engines' threads
+    stop spinning), runs once untimed and then times up to ``block`` runs; visits alternate in
+    order A B .. then .. B A. A single runner is timed back to back.
+    """
     threads = threads or os.cpu_count() or 1
+    if not runners:
+        return []
+    block = max(1, int(block)) if len(runners) > 1 else max(runs, 1)
     results = []
     for batch in batches:
         times: dict[int, list[float]] = {i: [] for i in range(len(runners))}
@@ -260,12 +275,20 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, r
             r.prepare(batch)
             for _ in range(warmup):
                 r.run()
-        for rnd in range(runs):
-            order = range(len(runners)) if rnd % 2 == 0 else reversed(range(len(runners)))  # A B, B A, ...
+        rnd = 0
+        while len(times[0]) < runs:
+            order = range(len(runners)) if rnd % 2 == 0 else reversed(range(len(runners)))
             for i in order:
-                t = time.perf_counter()
-                runners[i].run()
-                times[i].append((time.perf_counter() - t) * 1e3)
+                run = runners[i].run
+                if len(runners) > 1:
+                    if settle > 0:
+                        time.sleep(settle)
+                    run()  # untimed: wakes this engine's threads
+                for _ in range(min(block, runs - len(times[i]))):
+                    t = time.perf_counter()
+                    run()
+                    times[i].append((time.perf_counter() - t) * 1e3)
+            rnd += 1
         for i, r in enumerate(runners):
             ms = sorted(times[i])
             p50 = _pct(ms, 0.5)
@@ -277,7 +300,6 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, r
             if progress:
                 sys.stderr.write(f"  {r.name} batch {batch}: p50 {p50:.2f} ms\n")
     return results
-
 
 def format_table(results: Sequence[BenchResult]) -> str:
     head = "| model | provider | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | images/s | peak mem |"

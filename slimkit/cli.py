@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench", help="latency/throughput of ONNX files (ONNX Runtime) and checkpoints (torch eager)",
         description="Time the given models at each batch size: warm-up, then timed runs interleaved across "
-        "models (A B B A ...). Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
+        "models in blocks of 5 (A.. B.. B.. A..), each block after a 50 ms pause and one untimed run so the "
+        "previous model's threads are idle. Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
     )
     b.add_argument("models", nargs="+", help=".onnx files and/or slimkit checkpoints")
     _timing_args(b)

@@ -61,7 +61,7 @@ class CompareReport:
         ]
         if d.get("accuracy") is not None:
             lines.append(f"| accuracy ({d['data']}, n={d['n']}) | {100 * d['accuracy']:.2f}% | {100 * s['accuracy']:.2f}% | "
-                         f"{s['accuracy'] - d['accuracy']:+.4f} |")
+                         f"{100 * (s['accuracy'] - d['accuracy']):+.2f} points |")
         for row in self.latency:
             lines.append(f"| p50 latency, batch {row['batch']} | {row['dense_p50_ms']:.2f} ms | {row['slim_p50_ms']:.2f} ms | "
                          f"{row['latency_ratio']:.3f} |")

@@ -30,13 +30,17 @@ def test_interleaves_models_and_reports_consistent_statistics():
             calls.append(name)
         return Runner(name, "fake", "none", "cpu", "fp32", (3, 8, 8), lambda b: None, run)
 
-    res = bench([fake("A", 0), fake("B", 0)], batches=[4], warmup=2, runs=4)
-    timed = calls[4:]  # after 2 warm-ups each
-    assert timed == ["A", "B", "B", "A", "A", "B", "B", "A"]
+    res = bench([fake("A", 0), fake("B", 0)], batches=[4], warmup=2, runs=5, block=2, settle=0)
+    assert calls[:4] == ["A", "A", "B", "B"]  # warm-up
+    # blocks of 2 timed runs, each after one untimed run, in order A B, B A, A B
+    assert calls[4:] == ["A"] * 3 + ["B"] * 3 + ["B"] * 3 + ["A"] * 3 + ["A"] * 2 + ["B"] * 2
+    calls.clear()
+    bench([fake("A", 0)], batches=[4], warmup=1, runs=3, block=2)
+    assert calls == ["A"] * 4  # one model: no untimed runs between timed ones
     for r in res:
         assert r.p50_ms <= r.p90_ms <= r.p99_ms
         assert r.throughput == pytest.approx(4 / (r.p50_ms / 1e3))
-        assert r.runs == 4 and r.batch == 4
+        assert r.runs == 5 and r.batch == 4
 
 
 def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
