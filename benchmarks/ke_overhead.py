@@ -7,7 +7,7 @@ per-epoch state.pt and metrics: `slimkit train` for generations*epochs epochs ag
 evolve` for the same epochs. The difference is what KE adds: re-initialising the reset hypothesis,
 evaluating the fit hypothesis, extracting it and saving a checkpoint per generation. Measured with
 evaluation after every epoch and with --eval-every EPOCHS (once per generation); runs alternate
-train/evolve and the best of --repeats is kept. Writes results/ke_overhead.{md,json}.
+train/evolve and the best of --repeats is kept. Writes results/ke_overhead_<G>x<E>.{md,json}.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def main() -> None:
         rows.append({"eval_every": every, "train_total_s": pt, "train_steps_s": ps, "evolve_total_s": kt,
                      "evolve_steps_s": ks, "total_overhead": kt / pt - 1, "step_overhead": ks / ps - 1})
     cmd = f"benchmarks/ke_overhead.py --generations {g} --epochs {e} --repeats {args.repeats}"
-    (RESULTS / "ke_overhead.json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"ke_overhead_{g}x{e}.json").write_text(json.dumps({"command": cmd, "rows": rows}, indent=2) + "\n")
     md = [f"# KE overhead vs plain training ({g} generations x {e} epochs, full digits train split, 2 CPU cores)", "",
           f"Reproduce: `.venv/bin/python {cmd}`. Best of {args.repeats} alternating runs per cell.", "",
           "| evaluation | `slimkit train` whole run | `slimkit evolve` whole run | overhead | overhead on training steps |",
@@ -70,7 +70,7 @@ def main() -> None:
     md += ["", "The whole-run difference is KE's own work: evaluating the fit hypothesis (as the masked network) "
            "whenever the dense one is evaluated, re-initialising the reset hypothesis, and extracting the fit "
            "hypothesis and writing a checkpoint at the end of each generation."]
-    (RESULTS / "ke_overhead.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"ke_overhead_{g}x{e}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -6,7 +6,7 @@ each block the runner waits ``settle`` seconds and runs once untimed: every ONNX
 owns a thread pool whose workers spin for a while after a run, and torch's OpenMP threads do too,
 so a model timed right after another one shares the CPU with the previous model's spinning threads.
 Measured on a 2-vCPU machine (benchmarks/README.md): resnet18 at batch 1 took 10 ms alone and
-19-28 ms when timed run-by-run after two other sessions; with a 50 ms settle and a warm run it is
+19-32 ms when timed run-by-run after two other sessions; with a 50 ms settle and a warm run it is
 back to its alone figure. onnxruntime and matplotlib are imported where used.
 """
 from __future__ import annotations
