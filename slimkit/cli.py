@@ -134,7 +134,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
                        generations=args.generations, image_size=args.image_size,
                        train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
-                       train=_train_config(args))
+                       num_classes=args.num_classes, train=_train_config(args))
     return _launch("evolve", args, lambda out, **kw: evolve(cfg, out, **kw),
                    "summary.md, generations.png, metrics.jsonl and gen*/last.pt")
 
@@ -144,7 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
-                         eval_every=args.eval_every, train=_train_config(args))
+                         eval_every=args.eval_every, num_classes=args.num_classes, train=_train_config(args))
     return _launch("train", args, lambda out, **kw: train(cfg, out, **kw),
                    "last.pt, summary.md, curves.png and metrics.jsonl")
 
@@ -262,6 +262,8 @@ def _from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     _optim_args(p)
     _data_args(p)
     p.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+    p.add_argument("--num-classes", type=_positive_int,
+                   help="the classes the data must have (default: whatever the data has)")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:

@@ -46,6 +46,7 @@ class EvolveConfig:
     generations: int = 5  # N1..NG
     image_size: int = 16  # digits are resized to this (small nets); torchvision nets use 224 data
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    num_classes: int | None = None  # if given, the data must have exactly this many classes
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -113,7 +114,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     check_run_dir(out, cfg.to_json(), resume, "evolve")
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
-    num_classes = num_classes_of(train, test)
+    num_classes = num_classes_of(train, test, cfg.num_classes)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     if main and not resume:
         start_run_dir(out, cfg.to_json())

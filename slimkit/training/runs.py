@@ -56,10 +56,14 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def num_classes_of(train: Dataset, test: Dataset) -> int:
-    """Classes of a dataset; refuses a training split that lacks some of the test split's classes."""
+def num_classes_of(train: Dataset, test: Dataset, expected: int | None = None) -> int:
+    """Classes of a dataset; refuses a training split that lacks some of the test split's classes, and
+    a class count other than ``expected`` (the user's --num-classes) when one is given."""
     tr, te = labels_of(train).unique(), labels_of(test).unique()
     n = int(max(int(tr.max()), int(te.max()))) + 1
+    if expected is not None and n != expected:
+        raise SlimkitError(f"the data has {n} classes, {'fewer' if n < expected else 'more'} than "
+                           f"--num-classes {expected}; check --data or drop --num-classes to use the data's count")
     missing = sorted(set(range(n)) - set(tr.tolist()))
     if missing:
         raise SlimkitError(f"the training split has no example of class {missing[0]} "

@@ -29,6 +29,7 @@ class TrainRunConfig:
     image_size: int = 16  # digits are resized to this (small nets)
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
     subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
+    num_classes: int | None = None  # if given, the data must have exactly this many classes
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -65,7 +66,7 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
     shape = input_shape_of(cfg.arch, **kwargs)
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
-    model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test), **kwargs)
+    model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     if main and not resume:
         start_run_dir(out, cfg.to_json())
