@@ -105,9 +105,10 @@ def state_dict_bytes(model: nn.Module, **meta: Any) -> int:
     return buf.tell()
 
 
-def load(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> nn.Module:
+def load(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+         model_args: dict[str, Any] | None = None) -> nn.Module:
     """The network in ``path`` in eval mode (see :func:`read` for the accepted formats)."""
-    return read(path, arch=arch, num_classes=num_classes).model
+    return read(path, arch=arch, num_classes=num_classes, model_args=model_args).model
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -182,13 +183,14 @@ def _load_weights(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], wha
             parts.append(f"{len(missing)} missing key(s), first {missing[0]}")
         if extra:
             parts.append(f"{len(extra)} unexpected key(s), first {extra[0]}")
-        raise SlimkitError(f"{path} does not fit {what}: {'; '.join(parts)}; check --arch and --num-classes")
+        raise SlimkitError(f"{path} does not fit {what}: {'; '.join(parts)}; check --arch, --num-classes "
+                           "and --model-args")
     model.load_state_dict(sd, strict=True)
 
 
-def _classifier_classes(arch: str, sd: dict[str, torch.Tensor]) -> int:
+def _classifier_classes(arch: str, sd: dict[str, torch.Tensor], model_args: dict[str, Any]) -> int:
     """Infer the class count: the last conv/linear layer of the architecture is its classifier."""
-    probe = create_model(arch)
+    probe = create_model(arch, **model_args)
     last = list(prunable_layers(probe))[-1]
     w = sd.get(last + ".weight")
     if w is None:
@@ -204,25 +206,35 @@ def _ke_arch(name: str) -> str:
     return arch
 
 
-def _check_user_arch(path: Path, file_arch: str, arch: str | None, file_classes: int, num_classes: int | None) -> None:
+def _check_user_arch(path: Path, file_arch: str, arch: str | None, file_classes: int, num_classes: int | None,
+                     file_args: dict[str, Any] | None = None, model_args: dict[str, Any] | None = None) -> None:
     if arch is not None and arch != file_arch:
         raise SlimkitError(f"{path} holds a {file_arch} but --arch says {arch}; drop --arch or pick the right file")
     if num_classes is not None and num_classes != file_classes:
         raise SlimkitError(f"{path} has {file_classes} classes but --num-classes says {num_classes}")
+    for k, v in (model_args or {}).items():
+        if file_args is not None and file_args.get(k) != v:
+            raise SlimkitError(f"{path} was built with {k}={file_args.get(k)!r} but --model-args says {k}={v!r}; "
+                               "the file says how to build it, so drop --model-args")
 
 
-def read(path: str | Path, arch: str | None = None, num_classes: int | None = None) -> Loaded:
+def read(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+         model_args: dict[str, Any] | None = None) -> Loaded:
     """Load any checkpoint slimkit understands into a fresh network in eval mode.
 
     ``arch``/``num_classes`` are needed only for plain state_dicts (classes are inferred from the
-    classifier when omitted); for slimkit and KE checkpoints the file says them.
+    classifier when omitted); for slimkit and KE checkpoints the file says them. ``model_args``
+    are further constructor arguments of a plain state_dict's or KE file's network (e.g.
+    ``{"depth": 56}`` for cifar_resnet); a slimkit checkpoint must agree with any given.
     """
     # parameters built under a caller's inference_mode could never be traced or trained
     with torch.inference_mode(False):
-        return _read(Path(path), arch, num_classes)
+        return _read(Path(path), arch, num_classes, dict(model_args or {}))
 
 
-def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
+def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dict[str, Any]) -> Loaded:
+    if "num_classes" in model_args:
+        raise SlimkitError("give the class count with --num-classes, not --model-args")
     data = _read_bytes(path)
     sha, nbytes = sha256_of(data), len(data)
     obj = _torch_load(path, data)
@@ -238,7 +250,7 @@ def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
             concat = int(obj.get("concat", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
-        _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes)
+        _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
         model = create_model(spec.arch, **spec.args)
         if concat == 2:  # a merged big student: two copies side by side (merge.py)
             from slimkit.merge import widen
@@ -259,7 +271,7 @@ def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
         if file_arch is None and arch is None:
             raise SlimkitError(f"{path} carries split masks but no arch; pass --arch")
         resolved = _ke_arch(file_arch) if file_arch else arch
-        classes = _classifier_classes(resolved, sd)
+        classes = _classifier_classes(resolved, sd, model_args)
         _check_user_arch(path, resolved, arch, classes, num_classes)
         kind, arch, num_classes = "ke", resolved, classes
         meta: dict[str, Any] = {"source_arch": file_arch or arch}
@@ -270,10 +282,11 @@ def _read(path: Path, arch: str | None, num_classes: int | None) -> Loaded:
                 f"(one of: {', '.join(list_models())}) and --num-classes"
             )
         if num_classes is None:
-            num_classes = _classifier_classes(arch, sd)
+            num_classes = _classifier_classes(arch, sd, model_args)
         kind, meta = "state_dict", {}
-    model = create_model(arch, num_classes=num_classes)
-    _load_weights(path, model, sd, f"{arch}(num_classes={num_classes})")
+    model = create_model(arch, num_classes=num_classes, **model_args)
+    built = ", ".join(f"{k}={v!r}" for k, v in {"num_classes": num_classes, **model_args}.items())
+    _load_weights(path, model, sd, f"{arch}({built})")
     if masks:
         layers = prunable_layers(model)
         unknown = sorted(set(masks) - set(layers))

@@ -38,12 +38,41 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _model_args(text: str) -> dict:
+    """``depth=56,width=32`` (or a JSON object) -> constructor arguments; values parse as JSON scalars."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+        if not isinstance(out, dict):
+            raise argparse.ArgumentTypeError("must be a JSON object or key=value pairs")
+        return out
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):  # split at top-level commas: widths=[16,32] stays one item
+        depth += (ch in "[({") - (ch in "])}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for item in filter(None, items):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs like depth=56,width=32, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value.strip()  # a bare word is a string
+    return out
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from slimkit.extract import extract
 
     report = extract(
         args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
-        num_classes=args.num_classes, out=args.output, force=args.force,
+        num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
     )
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
@@ -54,7 +83,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     report = export_onnx(
         args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
-        fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, force=args.force,
+        fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
+        force=args.force,
     )
     print(json.dumps(report.to_json(), indent=2) if args.json else report.summary())
     return 0
@@ -91,7 +121,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     rep = compare(
         args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
         provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
-        force=args.force, arch=args.arch, num_classes=args.num_classes,
+        force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
     )
     print(rep.markdown())
     out = args.out or default_compare_dir(__import__("pathlib").Path(args.ckpt))
@@ -215,10 +245,19 @@ def _fail(verb: str, msg: str) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from slimkit.models import list_models
+    import inspect
+
+    from slimkit.models import _entry, list_models
 
     for family in ("torchvision", "small"):
-        print(f"{family}: {', '.join(list_models(family))}")
+        print(f"{family}:")
+        for name in list_models(family):
+            sig = inspect.signature(_entry(name).factory)
+            params = ", ".join(f"{k}={v.default!r}" if v.default is not inspect.Parameter.empty else k
+                               for k, v in sig.parameters.items())
+            print(f"  {name}({params})")
+    print("\nA plain state_dict needs --arch, and --model-args for any argument other than num_classes that "
+          "differs from these defaults.")
     return 0
 
 
@@ -227,6 +266,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
     p.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
     p.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
+    p.add_argument("--model-args", type=_model_args,
+                   help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
+                   "(see `slimkit models`)")
 
 
 def _timing_args(p: argparse.ArgumentParser) -> None:

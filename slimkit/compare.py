@@ -94,6 +94,7 @@ def compare(
     force: bool = False,
     arch: str | None = None,
     num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> CompareReport:
     """Dense vs fit hypothesis of ``ckpt``; writes compare.md/.json/.png into ``out``."""
     from slimkit.bench import PROVIDERS
@@ -114,7 +115,7 @@ def compare(
     elif not out_dir.parent.is_dir():
         raise SlimkitError(f"cannot create {out_dir}: directory {out_dir.parent} does not exist")
 
-    src = read(ckpt, arch=arch, num_classes=num_classes)
+    src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
     fh = fit_hypothesis(src, split_rate)
     spec = spec_of(src.model)
     shape = tuple(spec.input_shape)

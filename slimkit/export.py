@@ -201,6 +201,7 @@ def export_onnx(
     fp16_io: bool = False,
     arch: str | None = None,
     num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
     force: bool = False,
     seed: int = 0,
     verify_batch: int = 2,
@@ -210,7 +211,7 @@ def export_onnx(
     fp16 = fp16 or fp16_io
     _check_opset(opset)
     out = check_output(out, force)
-    src = read(ckpt, arch=arch, num_classes=num_classes)
+    src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
     model, spec = src.model, spec_of(src.model)
     shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)
     meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)

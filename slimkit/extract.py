@@ -165,6 +165,7 @@ def extract(
     split_mode: str = "kels",
     arch: str | None = None,
     num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
     out: str | Path | None = None,
     force: bool = False,
     seed: int = 0,
@@ -187,7 +188,7 @@ def extract(
         raise SlimkitError(f"output {out} is the input checkpoint; choose another path with -o")
     check_output(out, force)
 
-    src = read(ckpt, arch=arch, num_classes=num_classes)
+    src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff

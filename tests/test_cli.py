@@ -73,6 +73,27 @@ def test_extract_plain_state_dict_with_arch(cli, tmp_path):
     assert (tmp_path / "sd.slim.pt").exists() and "resnet18" in r.out
 
 
+def test_plain_state_dict_with_model_args(cli, tmp_path):
+    """A plain state_dict of a non-default cifar_resnet: --model-args says how to build it, for extract and export."""
+    model = randomize_bn(create_model("cifar_resnet", depth=8, width=8, num_classes=5, in_chans=1, image_size=16))
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    args = ["--arch", "cifar_resnet", "--model-args", "depth=8, width=8, in_chans=1, image_size=16"]
+    r = cli("extract", tmp_path / "sd.pt", *args, "--split-rate", "0.5")
+    assert r.code == 0, r.err
+    slim = load(tmp_path / "sd.slim.pt")
+    assert slim.slimkit_spec.args == {"num_classes": 5, "depth": 8, "width": 8, "in_chans": 1, "image_size": 16}
+    assert slim.conv1.out_channels == 4
+    r = cli("export", tmp_path / "sd.pt", *args, "-o", tmp_path / "sd.onnx")
+    assert r.code == 0, r.err
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "sd.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [1, 16, 16]
+    r = cli("extract", tmp_path / "sd.pt", "--arch", "cifar_resnet", "--model-args",
+            '{"depth": 8, "width": 8, "in_chans": 1}', "--split-rate", "0.5", "-o", tmp_path / "j.pt")
+    assert r.code == 0, r.err  # the JSON form
+
+
 @pytest.mark.slow
 def test_extract_official_ke_checkpoint_uses_the_files_masks(cli, tmp_path):
     model = randomize_bn(create_model("resnet18", num_classes=5), seed=4)
@@ -123,6 +144,7 @@ def _bad_inputs(tmp: Path, ckpt: Path, case: str) -> dict[str, tuple[list, str]]
     if case in _NEEDS_R18:  # 45 MB: written only where a case reads it, to keep the suite's disk use small
         torch.save(create_model("resnet18", num_classes=6).state_dict(), tmp / "r18.pt")
     (tmp / "exists.pt").write_bytes(b"keep me")
+    torch.save(create_model("cifar_resnet", depth=8, width=8, num_classes=5).state_dict(), tmp / "c8.pt")
     return {
         "missing": (["extract", tmp / "nope.pt", "--split-rate", "0.5"], "no such file"),
         "directory": (["extract", tmp / "adir", "--split-rate", "0.5"], "is a directory"),
@@ -144,12 +166,22 @@ def _bad_inputs(tmp: Path, ckpt: Path, case: str) -> dict[str, tuple[list, str]]
         "bad-classes": (["extract", ckpt, "--split-rate", "0.5", "--num-classes", "0"], "positive integer"),
         "exists": (["extract", ckpt, "--split-rate", "0.5", "-o", tmp / "exists.pt"], "already exists; pass --force"),
         "out-is-in": (["extract", ckpt, "--split-rate", "0.5", "-o", ckpt, "--force"], "is the input"),
+        "needs-model-args": (["extract", tmp / "c8.pt", "--arch", "cifar_resnet", "--split-rate", "0.5"], "--model-args"),
+        "model-args-unknown": (["extract", tmp / "c8.pt", "--arch", "cifar_resnet", "--model-args", "depth=8,bogus=1",
+                                "--split-rate", "0.5"], "takes no argument bogus"),
+        "model-args-syntax": (["extract", tmp / "c8.pt", "--arch", "cifar_resnet", "--model-args", "depth",
+                               "--split-rate", "0.5"], "key=value"),
+        "model-args-vs-file": (["extract", ckpt, "--model-args", "depth=20", "--split-rate", "0.5"],
+                               "was built with depth=8 but --model-args says depth=20"),
+        "model-args-classes": (["extract", tmp / "c8.pt", "--arch", "cifar_resnet", "--model-args", "num_classes=5",
+                                "--split-rate", "0.5"], "--num-classes, not --model-args"),
     }
 
 
 CASES = ["missing", "directory", "empty", "truncated", "random", "evil-pickle", "wrong-classes", "wrong-arch",
          "unknown-arch", "no-arch", "rate-0", "rate-1", "rate-neg", "rate-big", "rate-nan", "rate-text", "no-rate",
-         "bad-classes", "exists", "out-is-in"]
+         "bad-classes", "exists", "out-is-in", "needs-model-args", "model-args-unknown", "model-args-syntax",
+         "model-args-vs-file", "model-args-classes"]
 
 
 @pytest.mark.parametrize("case", CASES)
