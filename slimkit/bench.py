@@ -192,10 +192,11 @@ def torch_runner(model: torch.nn.Module, name: str, provider: str = "cpu", threa
 
 def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = None,
                 input_shape: tuple[int, ...] | None = None, fp16: bool = False,
-                channels_last: bool = False) -> Runner:
+                channels_last: bool = False, source: dict[str, Any] | None = None) -> Runner:
     """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch.
 
     ``fp16`` and ``channels_last`` apply to checkpoints (torch); an ONNX file's precision is its own.
+    ``source`` (arch, num_classes, model_args) says what a plain state_dict checkpoint is.
     """
     path = Path(path)
     if provider not in PROVIDERS:
@@ -213,7 +214,7 @@ def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = N
     else:
         from slimkit.checkpoint import load
 
-        runner = torch_runner(load(path), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
+        runner = torch_runner(load(path, **(source or {})), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
                               input_shape, fp16=fp16, channels_last=channels_last)
     return check_trial(runner)
 

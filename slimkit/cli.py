@@ -102,7 +102,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for out in (args.json, args.plot):  # refuse before spending minutes timing
         if out:
             check_output(out, args.force)
-    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last)
+    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
+    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source)
                for m in args.models]
     results = bench(runners, batches, warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(results))
@@ -359,7 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
         "models in blocks of 5 (A.. B.. B.. A..), each block after a 50 ms pause and one untimed run so the "
         "previous model's threads are idle. Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
     )
-    b.add_argument("models", nargs="+", help=".onnx files and/or slimkit checkpoints")
+    b.add_argument("models", nargs="+", help=".onnx files and/or checkpoints")
+    b.add_argument("--arch", help="architecture of plain state_dict checkpoints (see `slimkit models`)")
+    b.add_argument("--num-classes", type=_positive_int, help="classes of plain state_dict checkpoints")
+    b.add_argument("--model-args", type=_model_args, help="other constructor arguments of plain state_dicts")
     _timing_args(b)
     b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
     b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")

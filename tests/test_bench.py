@@ -19,6 +19,7 @@ def files(tmp_path_factory):
     export_onnx(ck, d / "a.onnx")
     (d / "junk.onnx").write_bytes(b"not a protobuf at all")
     (d / "junk.bin").write_bytes(b"\x01\x02")
+    torch.save(create_model("cifar_resnet", depth=8, width=8).state_dict(), d / "sd.pt")
     return d
 
 
@@ -68,6 +69,8 @@ def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
         (["a.onnx", "--batch", "x"], "comma-separated"),
         (["a.onnx", "--input-shape", "1,1,32,32"], "onnxruntime cannot run a.onnx at input shape [1, 32, 32]"),
         (["a.pt", "--input-shape", "1,1,32,32"], "torch cannot run a.pt"),
+        (["sd.pt"], "plain state_dict, which does not say its architecture; pass --arch"),
+        (["sd.pt", "--arch", "cifar_resnet"], "check --arch, --num-classes and --model-args"),
     ],
 )
 def test_bench_refusals(cli, files, argv, expected):
@@ -75,6 +78,13 @@ def test_bench_refusals(cli, files, argv, expected):
     r = cli("bench", *argv, "--runs", "1", "--warmup", "1")
     assert r.code == 2, r.out
     assert len(r.err.strip().splitlines()) == 1 and expected in r.err, r.err
+
+
+def test_plain_state_dict_with_arch_and_model_args(cli, files):
+    r = cli("bench", files / "sd.pt", "--arch", "cifar_resnet", "--model-args", "depth=8,width=8",
+            "--batch", "1", "--runs", "2", "--warmup", "1")
+    assert r.code == 0, r.err
+    assert "| sd.pt | torch-cpu | 1 |" in r.out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
