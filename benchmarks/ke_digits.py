@@ -27,7 +27,8 @@ def run_loss(args, seeds: list[int], loss: str) -> list[dict]:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            cfg = EvolveConfig(arch=args.arch, split_rate=args.split_rate, generations=args.generations,
+            cfg = EvolveConfig(arch=args.arch, split_mode=args.split_mode, split_rate=args.split_rate,
+                               generations=args.generations,
                                image_size=args.image_size, train_per_class=args.train_per_class,
                                train=TrainConfig(epochs=args.epochs, loss=loss, seed=seed))
             runs[seed] = evolve(cfg, Path(tmp) / f"s{seed}", progress=False,
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--train-per-class", type=int, default=20)
     ap.add_argument("--split-rate", type=float, default=0.5)
+    ap.add_argument("--split-mode", default="kels", choices=("kels", "wels"),
+                    help="wels writes ke_digits_wels.*: its fit hypothesis is the masked network")
     ap.add_argument("--arch", default="cifar_resnet")
     ap.add_argument("--image-size", type=int, default=16)
     ap.add_argument("--loss", default="smooth", help="one loss, or several comma-separated (ce,smooth,cskd) "
@@ -64,15 +67,17 @@ def main() -> None:
         seconds[loss] = time.time() - t
     cmd = (f"benchmarks/ke_digits.py --seeds {args.seeds} --generations {args.generations} --epochs {args.epochs} "
            f"--train-per-class {args.train_per_class} --split-rate {args.split_rate} --arch {args.arch} "
-           f"--image-size {args.image_size} --loss {args.loss}")
+           f"--image-size {args.image_size} --loss {args.loss}" + (" --split-mode wels" if args.split_mode == "wels" else ""))
     minutes = (time.time() - t0) / 60
-    head = [f"# Knowledge Evolution on digits ({args.arch}, KELS sr {args.split_rate}, {args.train_per_class} train images/class)",
+    mode = args.split_mode.upper()
+    stem = "ke_digits" + ("_wels" if args.split_mode == "wels" else "")
+    head = [f"# Knowledge Evolution on digits ({args.arch}, {mode} sr {args.split_rate}, {args.train_per_class} train images/class)",
             "", f"{args.epochs} epochs per generation, loss {args.loss}, seeds {args.seeds}; test split of 359 images. "
             f"Reproduce: `.venv/bin/python {cmd}` ({minutes:.0f} min on 2 CPU cores).", ""]
     RESULTS.mkdir(exist_ok=True)
     if len(losses) == 1:
         table = tables[losses[0]]
-        (RESULTS / "ke_digits.json").write_text(json.dumps({"command": cmd, "seconds": time.time() - t0, "table": table}, indent=2) + "\n")
+        (RESULTS / f"{stem}.json").write_text(json.dumps({"command": cmd, "seconds": time.time() - t0, "table": table}, indent=2) + "\n")
         last, first = table[-1], table[0]
         lines = head + ["| generation | dense acc (mean ± std) | fit hypothesis acc (mean ± std) |", "|---:|---:|---:|"]
         lines += [f"| N{r['generation']} | {r['dense_mean']:.2f} ± {r['dense_std']:.2f} | {r['fit_mean']:.2f} ± {r['fit_std']:.2f} |"
@@ -80,14 +85,14 @@ def main() -> None:
         verdict = "matches or beats" if last["fit_mean"] >= first["dense_mean"] else "does not reach"
         lines += ["", f"The fit hypothesis at N{last['generation']} ({last['fit_mean']:.2f}%) {verdict} the dense N1 "
                   f"({first['dense_mean']:.2f}%). Paper (Flower102, ResNet18): dense 52.8 at N1, slim 61.9 at N10."]
-        (RESULTS / "ke_digits.md").write_text("\n".join(lines) + "\n")
-        plot_generations(RESULTS / "ke_digits.png", [r["generation"] for r in table], [r["dense_mean"] for r in table],
+        (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
+        plot_generations(RESULTS / f"{stem}.png", [r["generation"] for r in table], [r["dense_mean"] for r in table],
                          [r["fit_mean"] for r in table], [r["dense_std"] for r in table], [r["fit_std"] for r in table],
-                         fit_label="fit hypothesis (KELS)")
+                         fit_label=f"fit hypothesis ({mode})")
     else:
-        (RESULTS / "ke_digits_losses.json").write_text(json.dumps(
+        (RESULTS / f"{stem}_losses.json").write_text(json.dumps(
             {"command": cmd, "seconds": seconds, "tables": tables}, indent=2) + "\n")
-        lines = head + ["Accuracy (%) mean ± std over seeds: dense network / its fit hypothesis (extracted).", "",
+        lines = head + ["Accuracy (%) mean ± std over seeds: dense network / its fit hypothesis (KELS: extracted; WELS: masked).", "",
                         "| generation | " + " | ".join(f"{l} dense | {l} fit" for l in losses) + " |",
                         "|---:|" + "---:|---:|" * len(losses)]
         for g in range(args.generations):
@@ -100,8 +105,8 @@ def main() -> None:
             best = max(t, key=lambda r: r["fit_mean"])
             lines.append(f"| {l} | {t[0]['dense_mean']:.2f} | {best['fit_mean']:.2f} | N{best['generation']} | "
                          f"{t[-1]['fit_mean']:.2f} ± {t[-1]['fit_std']:.2f} | {seconds[l] / 60:.1f} |")
-        (RESULTS / "ke_digits_losses.md").write_text("\n".join(lines) + "\n")
-        _plot_losses(RESULTS / "ke_digits_losses.png", tables)
+        (RESULTS / f"{stem}_losses.md").write_text("\n".join(lines) + "\n")
+        _plot_losses(RESULTS / f"{stem}_losses.png", tables)
     print("\n".join(lines))
 
 

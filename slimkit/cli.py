@@ -246,17 +246,12 @@ def _fail(verb: str, msg: str) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    import inspect
-
-    from slimkit.models import _entry, list_models
+    from slimkit.models import list_models, model_signature
 
     for family in ("torchvision", "small"):
         print(f"{family}:")
         for name in list_models(family):
-            sig = inspect.signature(_entry(name).factory)
-            params = ", ".join(f"{k}={v.default!r}" if v.default is not inspect.Parameter.empty else k
-                               for k, v in sig.parameters.items())
-            print(f"  {name}({params})")
+            print(f"  {model_signature(name)}")
     print("\nA plain state_dict needs --arch, and --model-args for any argument other than num_classes that "
           "differs from these defaults.")
     return 0
@@ -485,3 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("slimkit: interrupted\n")
         return 130
+    except BrokenPipeError:  # `slimkit models | head`: the reader left; say nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

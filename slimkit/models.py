@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 
-__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "model_params", "input_shape_of", "spec_of"]
+__all__ = ["ModelSpec", "register_model", "create_model", "list_models", "model_params", "model_signature", "input_shape_of", "spec_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,13 @@ def _entry(name: str) -> _Entry:
     if name not in _REGISTRY:
         raise SlimkitError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     return _REGISTRY[name]
+
+
+def model_signature(name: str) -> str:
+    """``name(arg=default, ...)``: what a registry model takes, for `slimkit models` and error messages."""
+    sig = inspect.signature(_entry(name).factory)
+    return f"{name}(" + ", ".join(f"{k}={v.default!r}" if v.default is not inspect.Parameter.empty else k
+                                  for k, v in sig.parameters.items()) + ")"
 
 
 def model_params(name: str) -> list[str]:
