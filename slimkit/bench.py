@@ -214,7 +214,7 @@ def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = N
     else:
         from slimkit.checkpoint import load
 
-        runner = torch_runner(load(path, **(source or {})), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
+        runner = torch_runner(load(path, **(source or {}), plain_only=True), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
                               input_shape, fp16=fp16, channels_last=channels_last)
     return check_trial(runner)
 
@@ -312,8 +312,10 @@ def format_table(results: Sequence[BenchResult]) -> str:
     first = results[0] if results else None
     if first:
         lines.append("")
-        lines.append(f"device: {first.device}; engine {first.engine}; threads {first.threads}; precision {first.precision}; "
-                     f"{first.runs} timed runs per point, interleaved")
+        uniq = lambda attr: ", ".join(dict.fromkeys(str(getattr(r, attr)) for r in results))  # noqa: E731
+        lines.append(f"device: {uniq('device')}; engine {uniq('engine')}; threads {first.threads}; "
+                     f"precision {uniq('precision')}; {first.runs} timed runs per point"
+                     + (", interleaved in blocks" if len({r.model for r in results}) > 1 else ""))
     return "\n".join(lines)
 
 

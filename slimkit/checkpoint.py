@@ -106,9 +106,9 @@ def state_dict_bytes(model: nn.Module, **meta: Any) -> int:
 
 
 def load(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-         model_args: dict[str, Any] | None = None) -> nn.Module:
+         model_args: dict[str, Any] | None = None, plain_only: bool = False) -> nn.Module:
     """The network in ``path`` in eval mode (see :func:`read` for the accepted formats)."""
-    return read(path, arch=arch, num_classes=num_classes, model_args=model_args).model
+    return read(path, arch=arch, num_classes=num_classes, model_args=model_args, plain_only=plain_only).model
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -219,20 +219,23 @@ def _check_user_arch(path: Path, file_arch: str, arch: str | None, file_classes:
 
 
 def read(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-         model_args: dict[str, Any] | None = None) -> Loaded:
+         model_args: dict[str, Any] | None = None, plain_only: bool = False) -> Loaded:
     """Load any checkpoint slimkit understands into a fresh network in eval mode.
 
     ``arch``/``num_classes`` are needed only for plain state_dicts (classes are inferred from the
     classifier when omitted); for slimkit and KE checkpoints the file says them. ``model_args``
     are further constructor arguments of a plain state_dict's or KE file's network (e.g.
-    ``{"depth": 56}`` for cifar_resnet); a slimkit checkpoint must agree with any given.
+    ``{"depth": 56}`` for cifar_resnet); a slimkit checkpoint must agree with any given, unless
+    ``plain_only`` says they are meant for plain state_dicts only (bench: one set of flags for
+    several files), in which case self-describing files ignore them.
     """
     # parameters built under a caller's inference_mode could never be traced or trained
     with torch.inference_mode(False):
-        return _read(Path(path), arch, num_classes, dict(model_args or {}))
+        return _read(Path(path), arch, num_classes, dict(model_args or {}), plain_only)
 
 
-def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dict[str, Any]) -> Loaded:
+def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dict[str, Any],
+          plain_only: bool = False) -> Loaded:
     if "num_classes" in model_args:
         raise SlimkitError("give the class count with --num-classes, not --model-args")
     data = _read_bytes(path)
@@ -250,7 +253,8 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
             concat = int(obj.get("concat", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
-        _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
+        if not plain_only:
+            _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
         model = create_model(spec.arch, **spec.args)
         if concat == 2:  # a merged big student: two copies side by side (merge.py)
             from slimkit.merge import widen
@@ -272,7 +276,8 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
             raise SlimkitError(f"{path} carries split masks but no arch; pass --arch")
         resolved = _ke_arch(file_arch) if file_arch else arch
         classes = _classifier_classes(resolved, sd, model_args)
-        _check_user_arch(path, resolved, arch, classes, num_classes)
+        if not plain_only:
+            _check_user_arch(path, resolved, arch, classes, num_classes)
         kind, arch, num_classes = "ke", resolved, classes
         meta: dict[str, Any] = {"source_arch": file_arch or arch}
     else:

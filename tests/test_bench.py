@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnxruntime as ort
 import pytest
@@ -81,10 +82,12 @@ def test_bench_refusals(cli, files, argv, expected):
 
 
 def test_plain_state_dict_with_arch_and_model_args(cli, files):
-    r = cli("bench", files / "sd.pt", "--arch", "cifar_resnet", "--model-args", "depth=8,width=8",
+    """The flags describe the plain state_dict; a self-describing checkpoint beside it ignores them."""
+    demo = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20.pt"  # depth 20, width 16
+    r = cli("bench", files / "sd.pt", demo, "--arch", "cifar_resnet", "--model-args", "depth=8,width=8",
             "--batch", "1", "--runs", "2", "--warmup", "1")
     assert r.code == 0, r.err
-    assert "| sd.pt | torch-cpu | 1 |" in r.out
+    assert "| sd.pt | torch-cpu | 1 |" in r.out and "| digits_resnet20.pt | torch-cpu | 1 |" in r.out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
