@@ -35,6 +35,22 @@ def test_compare_on_the_bundled_digits_model(cli, tmp_path):
     assert rep["dense"]["accuracy"] == pytest.approx(accuracy(load(DEMO), test))
     assert rep["dense"]["n"] == len(test)
     assert "| accuracy (digits" in r.out and "speed-up" in r.out
+    assert rep["notes"] == [] and "Note:" not in r.out  # widths 8/16/32: aligned
+
+
+def test_compare_notes_unaligned_widths(tmp_path):
+    """sr 0.8 of widths 16/32/64 gives 13/26/52: the report says so, and what to do about it."""
+    from slimkit.compare import unaligned_widths
+    from slimkit.extract import fit_hypothesis
+    from slimkit.checkpoint import read
+
+    ck = save(create_model("cifar_resnet", depth=8, width=16, num_classes=3), tmp_path / "m.pt")
+    fh = fit_hypothesis(read(ck), 0.8)
+    assert unaligned_widths(fh.dense, fh.slim) == ([13, 26, 52], 9)  # 7 convs + 2 shortcut convs
+    assert unaligned_widths(fh.dense, fh.slim, block=1) == ([], 0)
+    rep = compare(ck, 0.8, batches=[1], warmup=1, runs=1, out=tmp_path / "c")
+    assert len(rep.notes) == 1 and "(13, 26, 52)" in rep.notes[0] and "--round-to 16" in rep.notes[0]
+    assert "Note: 9 slim conv layer(s)" in (tmp_path / "c" / "compare.md").read_text()
 
 
 def test_compare_with_torch_provider_and_image_folder(tmp_path):
