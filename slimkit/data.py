@@ -104,7 +104,11 @@ def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test",
                     raise SlimkitError(f"{lst}: each row needs file_name and an integer label") from None
                 if not path.is_file():
                     raise SlimkitError(f"{lst} names {row['file_name']}, which does not exist under {root}")
+                if label < 0:
+                    raise SlimkitError(f"{lst}: label {label} of {row['file_name']} is negative; labels are 0..C-1")
                 items.append((str(path), label))
+        if not items:
+            raise SlimkitError(f"{lst} lists no images")
         return _ListDataset(items, tf)
     for sub in ([split] + (["val"] if split == "test" else [])):
         if (root_p / sub).is_dir():

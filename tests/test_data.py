@@ -1,4 +1,4 @@
-"""The bundled digits set and the bundled demo checkpoint trained on it."""
+"""Datasets: the bundled digits set, the demo checkpoint trained on it, image folders and the KE lists layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,3 +38,84 @@ def test_bundled_demo_checkpoint_is_really_trained():
         acc = float((model(x).argmax(1) == y).float().mean())
     assert acc >= 0.95
     assert abs(acc - raw["metrics"]["test_acc"]) < 1e-6  # the recorded figure is the measured one
+
+
+def _png(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    Image.fromarray((torch.rand(12, 12, 3, generator=g) * 255).to(torch.uint8).numpy()).save(path)
+
+
+def _ke_layout(root: Path, rows: dict[str, list[tuple[str, int]]]) -> Path:
+    """The Knowledge Evolution layout: images anywhere under root, lists/{trn,tst}.csv naming them."""
+    (root / "lists").mkdir(parents=True)
+    for split, items in rows.items():
+        lines = ["file_name,label"] + [f"{f},{y}" for f, y in items]
+        (root / "lists" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for i, (f, _) in enumerate(items):
+            if not f.startswith("missing"):
+                _png(root / f, i)
+    return root
+
+
+def test_ke_lists_layout_loads_labels_as_written(tmp_path):
+    from slimkit.data import image_dir, labels_of
+
+    root = _ke_layout(tmp_path / "flw", {"trn": [("jpg/a.png", 0), ("jpg/b.png", 2), ("jpg/c.png", 1)],
+                                         "tst": [("jpg/d.png", 1), ("jpg/e.png", 0)]})
+    train, test = image_dir(str(root), (3, 8, 8), "train", augment=True), image_dir(str(root), (3, 8, 8), "test")
+    assert labels_of(train).tolist() == [0, 2, 1] and labels_of(test).tolist() == [1, 0]
+    x, y = train[1]
+    assert x.shape == (3, 8, 8) and y == 2
+
+
+def test_image_folder_splits_with_different_class_folders_are_refused(tmp_path):
+    """ImageFolder numbers each split's folders alone: test/ without class b would relabel c as 1."""
+    import pytest
+
+    from slimkit.errors import SlimkitError
+    from slimkit.training.runs import datasets
+
+    for split, classes in (("train", "abc"), ("test", "ac")):
+        for c in classes:
+            _png(tmp_path / "d" / split / c / "0.png", ord(c))
+    with pytest.raises(SlimkitError, match="different class folders"):
+        datasets(str(tmp_path / "d"), 3, 8)
+    _png(tmp_path / "d" / "test" / "b" / "0.png", 1)
+    train, test = datasets(str(tmp_path / "d"), 3, 8)
+    assert train.classes == test.classes == ["a", "b", "c"]
+
+
+def test_dataset_refusals_one_line_exit_2(cli, tmp_path):
+    """Unknown path or layout, CSV rows naming missing files, bad labels, empty lists: one line, exit 2."""
+    (tmp_path / "nolayout").mkdir()
+    _ke_layout(tmp_path / "missing", {"trn": [("a.png", 0), ("missing.png", 1)], "tst": [("b.png", 0)]})
+    _ke_layout(tmp_path / "badlabel", {"trn": [("a.png", "x")], "tst": [("b.png", 0)]})
+    _ke_layout(tmp_path / "neg", {"trn": [("a.png", -1)], "tst": [("b.png", 0)]})
+    _ke_layout(tmp_path / "empty", {"trn": [], "tst": [("b.png", 0)]})
+    cases = {
+        "nope": "does not exist",
+        "nolayout": "has neither lists/trn.csv nor a train/",
+        "missing": "names missing.png, which does not exist",
+        "badlabel": "needs file_name and an integer label",
+        "neg": "is negative",
+        "empty": "lists no images",
+    }
+    for name, expected in cases.items():
+        out = tmp_path / f"run_{name}"
+        r = cli("evolve", "--data", tmp_path / name, "--image-size", "8", "--epochs", "1", "--generations", "1",
+                "--out", out)
+        assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and expected in r.err, (name, r.err)
+        assert not out.exists()
+
+
+def test_evolve_runs_on_a_ke_layout_dataset(cli, tmp_path):
+    rows = {"trn": [(f"i/tr{i}.png", i % 3) for i in range(9)], "tst": [(f"i/te{i}.png", i % 3) for i in range(6)]}
+    root = _ke_layout(tmp_path / "ds", rows)
+    r = cli("evolve", "--data", root, "--image-size", "8", "--epochs", "1", "--warmup-epochs", "0",
+            "--generations", "2", "--batch-size", "4", "--num-classes", "3", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    ck = load(tmp_path / "run" / "gen2" / "last.pt")
+    assert ck.slimkit_spec.args["num_classes"] == 3 and ck.slimkit_spec.args["in_chans"] == 3

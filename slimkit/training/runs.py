@@ -36,6 +36,13 @@ def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | N
     else:
         shape = (in_chans, image_size, image_size)
         train, test = image_dir(data, shape, "train", augment=True), image_dir(data, shape, "test")
+        tr_cls, te_cls = getattr(train, "classes", None), getattr(test, "classes", None)
+        if tr_cls is not None and te_cls is not None and tr_cls != te_cls:
+            # ImageFolder numbers each split's class folders on its own: they must be the same folders
+            only = sorted(set(te_cls) ^ set(tr_cls))
+            raise SlimkitError(f"{data}: the train and test splits have different class folders "
+                               f"({len(tr_cls)} vs {len(te_cls)}; e.g. {only[0]!r} is in only one), so their "
+                               "labels would not match; give both splits the same class folders")
     if train_per_class is not None:
         train = per_class_subset(train, train_per_class, subset_seed)
     return train, test
