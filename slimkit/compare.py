@@ -139,7 +139,7 @@ def compare(
     if data is not None:  # load (and validate) the data before minutes of timing
         from slimkit.data import eval_dataset
 
-        dataset = eval_dataset(data, shape, src.meta)
+        dataset = eval_dataset(data, shape, src.meta, spec.args.get("num_classes"))
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx = {}

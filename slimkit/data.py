@@ -121,15 +121,31 @@ def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test",
     raise SlimkitError(f"{root} has neither lists/{csv_name}.csv nor a {split}/ (or val/) folder of class folders")
 
 
-def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = None) -> torch.utils.data.Dataset:
-    """The evaluation split named by a CLI ``--data`` value: 'digits' or a directory."""
+def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = None,
+                 num_classes: int | None = None) -> torch.utils.data.Dataset:
+    """The evaluation split named by a CLI ``--data`` value: 'digits' or a directory.
+
+    With ``num_classes`` (the network's outputs) the labels must fit: an ImageFolder split needs
+    one folder per class (it numbers folders in sorted order, so a missing one shifts the rest).
+    """
     c, h, w = input_shape
     if data == "digits":
         if h != w:
             raise SlimkitError(f"digits images are square; this network reads {h}x{w}")
         seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
-        return digits("test", image_size=h, in_chans=c, seed=seed)
-    return image_dir(data, input_shape, "test")
+        ds = digits("test", image_size=h, in_chans=c, seed=seed)
+    else:
+        ds = image_dir(data, input_shape, "test")
+    if num_classes is not None:
+        folders = getattr(ds, "classes", None)
+        if folders is not None and len(folders) != num_classes:
+            raise SlimkitError(f"{data}: the test split has {len(folders)} class folders but the network has "
+                               f"{num_classes} classes; folders are numbered in sorted order, so every class "
+                               "needs one")
+        top = int(labels_of(ds).max())
+        if top >= num_classes:
+            raise SlimkitError(f"{data}: label {top} does not exist in a network with {num_classes} classes")
+    return ds
 
 
 def labels_of(ds) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from slimkit import create_model, save
 from slimkit.compare import compare
 from slimkit.data import digits
+from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20.pt"
@@ -67,6 +68,11 @@ def test_compare_with_torch_provider_and_image_folder(tmp_path):
     assert rep.provider == "torch-cpu" and rep.dense["n"] == 6
     assert 0 <= rep.slim["accuracy"] <= 1
     assert (tmp_path / "m.compare" / "compare.md").exists()
+    # a network with 3 classes cannot be scored on 2 class folders: the labels would not line up
+    ck3 = save(create_model("cifar_resnet", depth=8, width=8, num_classes=3), tmp_path / "m3.pt")
+    with pytest.raises(SlimkitError, match="2 class folders but the network has 3 classes"):
+        compare(ck3, 0.5, data=str(tmp_path / "data"), batches=[1], warmup=1, runs=1)
+    assert not (tmp_path / "m3.compare").exists()
 
 
 @pytest.mark.parametrize(
