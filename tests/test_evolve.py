@@ -222,3 +222,30 @@ def test_cskd_run(tmp_path):
     assert len(recs) == 2
     lines = [json.loads(x) for x in (tmp_path / "k" / "metrics.jsonl").read_text().splitlines()]
     assert all(x["loss"] > 0 for x in lines if x["kind"] == "epoch")
+
+
+@pytest.mark.slow
+def test_torchvision_net_on_an_image_folder_end_to_end(cli, tmp_path):
+    """resnet18 at 224x224 on an ImageFolder tree: evolve, then extract and compare the last generation."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "tv" / split / c).mkdir(parents=True)
+            for i in range(n):
+                img = (torch.rand(48, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(img).save(tmp_path / "tv" / split / c / f"{i}.jpg")
+    r = cli("evolve", "--arch", "resnet18", "--data", tmp_path / "tv", "--generations", "2", "--epochs", "1",
+            "--warmup-epochs", "0", "--batch-size", "4", "--out", tmp_path / "run")
+    assert r.code == 0, r.err
+    last = tmp_path / "run" / "gen2" / "last.pt"
+    assert load(last).slimkit_spec.input_shape == (3, 224, 224)
+    r = cli("extract", last, "--split-rate", "0.5")
+    assert r.code == 0, r.err
+    assert load(tmp_path / "run" / "gen2" / "last.slim.pt").layer4[0].conv1.out_channels == 256
+    r = cli("compare", last, "--split-rate", "0.5", "--data", tmp_path / "tv", "--batch", "1", "--runs", "2",
+            "--warmup", "1", "--out", tmp_path / "cmp")
+    assert r.code == 0, r.err
+    rep = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert rep["dense"]["n"] == 4 and rep["slim"]["macs"] < 0.3 * rep["dense"]["macs"]
