@@ -212,10 +212,9 @@ def _cmd_den(args: argparse.Namespace) -> int:
                     lr=args.lr, batch_size=args.batch_size, l1=args.l1, l1_head=args.l1_head, l2=args.l2, tau=args.tau, k=args.k,
                     group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
                     seed=args.seed)
-    if args.out is None:
-        raise SystemExit(_fail("den", "give --out DIR for the run"))
-    run_den(cfg, args.out, progress=sys.stderr.isatty())
-    print(f"wrote {args.out}/summary.md, den.png, results.json, metrics.jsonl and task*.pt")
+    out = _run_dir("den", args)
+    run_den(cfg, out, progress=sys.stderr.isatty(), resume=args.resume is not None)
+    print(f"wrote {out}/summary.md, den.png, results.json, metrics.jsonl and task*.pt")
     return 0
 
 
@@ -461,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", help="new run directory (must be empty or absent)")
+    d.add_argument("--resume", help="continue the run in this directory after its last finished task or baseline "
+                   "(same settings)")
     d.set_defaults(func=_cmd_den)
 
     m = sub.add_parser("models", help="list the architectures slimkit can build")

@@ -187,6 +187,37 @@ def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
         assert word in text
 
 
+def test_den_resume_equals_uninterrupted(tmp_path):
+    """Stopped after task 2 and again after the first baseline, then resumed: the same results and networks."""
+    cfg = DENConfig(tasks="split:3", hidden=(16, 8), epochs=2, tau=0.0, k=3, sigma=0.1, baselines=("dnn", "stl"))
+    quiet = lambda m: None  # noqa: E731
+    full = run_den(cfg, tmp_path / "full", progress=False, echo=quiet)
+    assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, _stop_after=2) is None
+    assert (tmp_path / "cut" / "task2.pt").exists() and not (tmp_path / "cut" / "task3.pt").exists()
+    assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, resume=True, _stop_after=2) is None  # task 3, dnn
+    cut = run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, resume=True)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
+    assert strip(cut["den_tasks"]) == strip(full["den_tasks"])
+    assert cut["results"] == full["results"]
+    a = torch.load(tmp_path / "full" / "task3.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "task3.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("task", r.get("method")) for r in recs] == [1, 2, 3, "dnn", "stl"]  # each step logged once
+
+
+def test_den_resume_refusals(cli, tmp_path):
+    r = cli("den", "--resume", tmp_path / "nothing")
+    assert r.code == 2 and "holds no den run" in r.err
+    cfg = DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, baselines=())
+    run_den(cfg, tmp_path / "r", progress=False, echo=lambda m: None, _stop_after=1)
+    before = (tmp_path / "r" / "state.pt").read_bytes()
+    r = cli("den", "--resume", tmp_path / "r", "--tasks", "split:2", "--arch", "mlp:8,4", "--epochs", "2",
+            "--baselines", "none")
+    assert r.code == 2 and "it was run with epochs=1" in r.err, r.err
+    assert (tmp_path / "r" / "state.pt").read_bytes() == before
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--tasks", "split:7"], "at most split:5"),
     (["--tasks", "nope"], "unknown task spec"),

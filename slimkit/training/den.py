@@ -339,26 +339,54 @@ def _metrics(R: list[list[float]]) -> dict[str, float]:
     return {"average": sum(R[-1]) / len(R[-1]), "forgetting": forgetting, "bwt": -forgetting}
 
 
-def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Learn the task sequence with DEN and the baselines; write the run directory; return the summary."""
-    from slimkit.checkpoint import save
-    from slimkit.training.runs import check_run_dir, log_record, start_run_dir
+def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = print,
+            resume: bool = False, _stop_after: int | None = None) -> dict[str, Any] | None:
+    """Learn the task sequence with DEN and the baselines; write the run directory; return the summary.
+
+    ``resume`` continues a run in ``out`` after its last finished task or baseline (same settings);
+    it ends with the same results and networks as an uninterrupted run. ``_stop_after`` simulates a
+    crash after that many tasks and baselines (for the resume test) and returns None.
+    """
+    from slimkit.checkpoint import load, save
+    from slimkit.training.runs import (StopAfter, check_run_dir, load_state, log_record, read_records, save_state,
+                                       start_run_dir)
 
     out = Path(out)
     tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed)  # refuses bad specs before writing
-    check_run_dir(out, cfg.to_json(), False, "den")
-    start_run_dir(out, cfg.to_json())
+    check_run_dir(out, cfg.to_json(), resume, "den")
+    if not resume:
+        start_run_dir(out, cfg.to_json())
     metrics = out / "metrics.jsonl"
+    stop = StopAfter(_stop_after)
     t0 = time.perf_counter()
     net = _new_net(cfg, (), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     R: list[list[float]] = []
-    per_task = []
-    it = range(1, len(tasks) + 1)
+    per_task: list[dict[str, Any]] = []
+    results: dict[str, Any] = {}  # finished baselines
+    done = 0
+    if resume:
+        st = load_state(out)
+        done, R, per_task, results = int(st["tasks_done"]), st["R"], st["per_task"], st["baselines"]
+        if done:
+            net = load(out / f"task{done}.pt")  # the grown, timestamped network as it was after task `done`
+            gen.set_state(st["generator"])
+        # records written after the last saved state belong to work that will be redone
+        kept = [r for r in read_records(metrics) if (r.get("kind") == "task" and r["task"] <= done)
+                or (r.get("kind") == "baseline" and r["method"] in results)]
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        echo(f"resuming {out} after task {done}/{len(tasks)}"
+             + (f" and baselines {', '.join(results)}" if results else ""))
+
+    def checkpoint_state() -> None:
+        save_state(out, {"tasks_done": done, "R": R, "per_task": per_task, "baselines": results,
+                         "generator": gen.get_state()})
+
+    it = range(done + 1, len(tasks) + 1)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="DEN tasks", unit="task", leave=False)
+        it = tqdm(it, desc="DEN tasks", unit="task", leave=False, initial=done, total=len(tasks))
     for t in it:
         task = tasks[t - 1]
         ts = time.perf_counter()
@@ -370,12 +398,16 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         per_task.append(rec)
         save(net, out / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks, "record": rec},
              provenance={"recipe": "slimkit den", "config": cfg.to_json()})
+        done = t
+        checkpoint_state()
         echo(f"task {t}/{len(tasks)} ({task.name}): {'AUROC' if task.binary else 'acc'} {100 * R[-1][-1]:.2f}, "
              f"average so far {100 * sum(R[-1]) / t:.2f}; selected {rec['selected']}, added {rec['added']}, "
              f"pruned {rec['pruned']}, duplicated {rec['duplicated']}; widths {rec['widths']}")
-    results = {"den": {"R": R, **_metrics(R), "params": D.count_params(net), "nonzero": D.count_params(net, True),
-                       "params_per_task": [r["params"] for r in per_task]}}
+        if stop.tick():
+            return None
     for b in cfg.baselines:
+        if b in results:
+            continue
         tb = time.perf_counter()
         if b == "mtl":
             final, (params, nz) = _mtl(tasks, cfg)
@@ -392,8 +424,14 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
             params, nz = _sequential_baseline(b, tasks, cfg, Rb)
             results[b] = {"R": Rb, **_metrics(Rb), "params": params, "nonzero": nz}
         log_record(metrics, {"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
+        checkpoint_state()
         echo(f"baseline {b}: average {100 * results[b]['average']:.2f}"
              + (f", forgetting {100 * results[b]['forgetting']:.2f}" if results[b]["forgetting"] is not None else ""))
+        if stop.tick():
+            return None
+    results = {"den": {"R": R, **_metrics(R), "params": D.count_params(net), "nonzero": D.count_params(net, True),
+                       "params_per_task": [r["params"] for r in per_task]},
+               **{b: results[b] for b in cfg.baselines}}
     summary = {"tasks": [t.name for t in tasks], "metric": "AUROC" if all(t.binary for t in tasks) else
                ("accuracy" if not any(t.binary for t in tasks) else "AUROC (binary) / accuracy"),
                "results": results, "den_tasks": per_task, "seconds": time.perf_counter() - t0}

@@ -137,6 +137,7 @@ def check_run_dir(out: Path, config: dict[str, Any], resume: bool, verb: str) ->
         if not cfg_path.is_file() or not state_path.is_file():
             raise SlimkitError(f"cannot resume: {out} holds no {verb} run (config.json and state.pt)")
         saved = json.loads(cfg_path.read_text())
+        config = json.loads(json.dumps(config))  # as it was written: tuples read back as lists
         diff = [k for k in config if saved.get(k) != config[k]]
         if diff:
             k = diff[0]
