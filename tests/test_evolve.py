@@ -249,3 +249,30 @@ def test_torchvision_net_on_an_image_folder_end_to_end(cli, tmp_path):
     assert r.code == 0, r.err
     rep = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert rep["dense"]["n"] == 4 and rep["slim"]["macs"] < 0.3 * rep["dense"]["macs"]
+
+
+def test_cuda_layout_and_autocast_rehearsed_on_cpu(tmp_path, monkeypatch):
+    """What only CUDA runs do to the model (channels_last weights and inputs, bf16 autocast), done on the CPU:
+    re-initialisation, extraction, checkpoints and resume must all still hold."""
+    import slimkit.training.evolve as E
+    import slimkit.training.loop as L
+
+    def prepare(model, device):
+        return model.to(device).to(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(L, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(L, "_layout", lambda x, device: x.contiguous(memory_format=torch.channels_last))
+    monkeypatch.setattr(E, "prepare_model", prepare)
+    quiet = lambda s: None  # noqa: E731
+    full = evolve(_cfg(), tmp_path / "full", progress=False, echo=quiet)
+    evolve(_cfg(), tmp_path / "cut", progress=False, echo=quiet, _stop_after_epochs=3)
+    evolve(_cfg(), tmp_path / "cut", resume=True, progress=False, echo=quiet)
+    a = torch.load(tmp_path / "full" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "gen2" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)  # checkpoints are written contiguous
+    monkeypatch.undo()
+    ref = torch.load(tmp_path / "full" / "gen1" / "last.pt", weights_only=True)["state_dict"]
+    fp32 = evolve(_cfg(), tmp_path / "fp32", progress=False, echo=quiet)
+    c = torch.load(tmp_path / "fp32" / "gen1" / "last.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(ref[k], c[k]) for k in ref)  # the rehearsal really trained in bf16
+    assert len(full) == len(fp32) == 2
