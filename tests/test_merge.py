@@ -335,3 +335,23 @@ def test_device_auto_is_cpu_here_and_bit_identical_to_cpu(tmp_path):
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["state_dict"]
     c = torch.load(tmp_path / "c" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_cuda_layout_and_autocast_rehearsed_on_cpu(teachers, tmp_path, monkeypatch):
+    """channels_last weights and inputs and bf16 autocast (what CUDA runs do), on the CPU: gates, compression,
+    fine-tuning and resume in the gate phase must still work and agree."""
+    import slimkit.training.loop as L
+    import slimkit.training.merge as M
+
+    monkeypatch.setattr(L, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(L, "_layout", lambda x, device: x.contiguous(memory_format=torch.channels_last))
+    monkeypatch.setattr(M, "prepare_model", lambda m, device: m.to(device).to(memory_format=torch.channels_last))
+    quiet = lambda s: None  # noqa: E731
+    s = merge(_merge_cfg(), list(teachers), tmp_path / "full", progress=False, echo=quiet)
+    merge(_merge_cfg(), list(teachers), tmp_path / "cut", progress=False, echo=quiet, _stop_after_epochs=1)
+    merge(_merge_cfg(), list(teachers), tmp_path / "cut", resume=True, progress=False, echo=quiet)
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)
+    assert load(tmp_path / "full" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
+    assert s["big_student"] == s["ensemble"]
