@@ -123,6 +123,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
         provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
         force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
+        profile=args.profile,
     )
     print(rep.markdown())
     out = args.out or default_compare_dir(__import__("pathlib").Path(args.ckpt))
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split-rate", type=_split_rate, help="fraction of channels kept, in (0, 1)")
     c.add_argument("--data", help="'digits' or a dataset directory (ImageFolder test/ or val/, or KE lists/tst.csv)")
     _timing_args(c)
+    c.add_argument("--profile", action="store_true",
+                   help="also show ONNX Runtime's CPU kernel time by node kind (convs blocked/plain, depthwise, "
+                   "reorders, classifier) for both networks: why the slim one saves more or less than its MACs")
     c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
     c.add_argument("--force", action="store_true", help="overwrite existing report files")
     c.set_defaults(func=_cmd_compare)

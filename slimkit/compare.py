@@ -40,6 +40,7 @@ class CompareReport:
     bench: list[dict[str, Any]]
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)  # advice derived from the networks' shapes
+    profile: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # --profile: ORT-CPU time by node kind
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +76,14 @@ class CompareReport:
                   f"{r['latency_over_mac']:.2f} |" for r in self.latency]
         lines += ["", f"slim == masked dense: max abs diff {self.verify['max_abs_diff']:.2e}; ONNX == torch: "
                       f"dense {self.verify['onnx_dense_rel']:.1e}, slim {self.verify['onnx_slim_rel']:.1e} (relative)"]
+        if self.profile:
+            from slimkit.profile import format_profile
+
+            lines += ["", "### Where the time goes (ONNX Runtime CPU profile, kernel time per run)", ""]
+            lines += format_profile(self.profile)
+            lines += ["", "A kind whose time ratio follows its MAC ratio is compute-bound; one that follows its "
+                          "activation ratio is memory-bound; plain-NCHW convs and layout reorders appear when "
+                          "widths do not fit ORT's blocked kernels."]
         lines += [f"\nNote: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -111,14 +120,21 @@ def compare(
     arch: str | None = None,
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
+    profile: bool = False,
 ) -> CompareReport:
-    """Dense vs fit hypothesis of ``ckpt``; writes compare.md/.json/.png into ``out``."""
+    """Dense vs fit hypothesis of ``ckpt``; writes compare.md/.json/.png into ``out``.
+
+    ``profile`` adds ONNX Runtime's CPU kernel time by node kind for both networks at every batch
+    (:mod:`slimkit.profile`): where the slim network saves less than its MACs, and why.
+    """
     from slimkit.bench import PROVIDERS
 
     t0 = time.perf_counter()
     ckpt = Path(ckpt)
     if provider not in PROVIDERS:
         raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
+    if profile and provider != "cpu":
+        raise SlimkitError(f"--profile reads ONNX Runtime's CPU profile; it needs --provider cpu, not {provider}")
     out_dir = Path(out) if out is not None else default_compare_dir(ckpt)
     if out_dir.exists() and not out_dir.is_dir():
         raise SlimkitError(f"output {out_dir} exists and is not a directory")
@@ -156,6 +172,13 @@ def compare(
         for r in runners:
             check_trial(r)
         results = bench(runners, batches, warmup=warmup, runs=runs, threads=threads)
+        profiled = []
+        if profile:
+            from slimkit.profile import profile_rows
+
+            for b in batches:
+                profiled += profile_rows(fh.dense, fh.slim, Path(tmp) / "dense.onnx", Path(tmp) / "slim.onnx", shape, b,
+                                         runs, results[0].threads, tmp)
 
     by = {(r.model, r.batch): r for r in results}
     mac_ratio = fh.slim_macs / fh.dense_macs
@@ -178,7 +201,7 @@ def compare(
         dense=dense, slim=slim, latency=latency,
         verify={"max_abs_diff": fh.max_abs_diff, "onnx_dense_rel": onnx["dense"].max_rel_diff,
                 "onnx_slim_rel": onnx["slim"].max_rel_diff},
-        bench=[dataclasses.asdict(r) for r in results], seconds=time.perf_counter() - t0,
+        bench=[dataclasses.asdict(r) for r in results], seconds=time.perf_counter() - t0, profile=profiled,
     )
     bad, n_bad = unaligned_widths(fh.dense, fh.slim)
     if bad and provider in ("cpu", "torch"):

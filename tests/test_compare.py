@@ -95,3 +95,34 @@ def test_compare_does_not_clobber(cli, tmp_path):
     r = cli("compare", DEMO, "--split-rate", "0.5", "--out", tmp_path / "c", "--runs", "1", "--warmup", "1")
     assert r.code == 2 and "already exists" in r.err
     assert (tmp_path / "c" / "compare.md").read_text() == "mine"
+
+
+def test_layer_costs_add_up_to_the_macs(tmp_path):
+    from slimkit.cost import count_macs
+    from slimkit.profile import layer_costs
+
+    for name, kw in (("cifar_resnet", dict(depth=8, width=8)), ("mobilenet_v2", {})):
+        model = create_model(name, **kw)
+        shape = model.slimkit_spec.input_shape
+        cost = layer_costs(model, shape)
+        assert sum(c["macs"] for c in cost.values()) == count_macs(model, shape)
+        assert ("depthwise conv" in cost) == (name == "mobilenet_v2")
+
+
+def test_compare_profile_explains_unaligned_widths(cli, tmp_path):
+    """sr 0.8 of a 16/32/64-wide net: with --profile the slim convs that left ORT's blocked kernels show up."""
+    ck = save(create_model("cifar_resnet", depth=8, width=16, num_classes=3), tmp_path / "m.pt")
+    rep = compare(ck, 0.8, batches=[2], warmup=1, runs=3, out=tmp_path / "c", profile=True)
+    kinds = {r["kind"]: r for r in rep.profile}
+    assert {"all dense convs", "total"} <= set(kinds) and all(r["batch"] == 2 for r in rep.profile)
+    total = kinds["total"]
+    parts = [r for r in rep.profile if r["kind"] not in ("all dense convs", "total")]
+    assert total["dense_ms"] == pytest.approx(sum(r["dense_ms"] for r in parts))
+    assert total["mac_ratio"] == pytest.approx(rep.slim["macs"] / rep.dense["macs"])
+    assert kinds["all dense convs"]["activation_ratio"] > kinds["all dense convs"]["mac_ratio"]
+    if kinds["conv, blocked NCHWc"]["dense_ms"] > 0:  # this CPU has ORT's blocked kernels
+        assert kinds["conv, plain NCHW"]["dense_ms"] == 0  # 16/32/64: every dense conv blocked
+        assert kinds["conv, plain NCHW"]["slim_ms"] > 0  # 13/26/52: some slim convs are not
+    assert "### Where the time goes" in (tmp_path / "c" / "compare.md").read_text()
+    r = cli("compare", ck, "--split-rate", "0.8", "--provider", "torch", "--profile", "--out", tmp_path / "t")
+    assert r.code == 2 and "needs --provider cpu" in r.err and not (tmp_path / "t").exists()
