@@ -214,7 +214,8 @@ def make_runner(path: str | Path, provider: str = "cpu", threads: int | None = N
     else:
         from slimkit.checkpoint import load
 
-        runner = torch_runner(load(path, **(source or {}), plain_only=True), path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
+        model = load(path, **(source or {}), plain_only=True)  # the flags describe plain state_dicts only
+        runner = torch_runner(model, path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
                               input_shape, fp16=fp16, channels_last=channels_last)
     return check_trial(runner)
 
@@ -302,6 +303,7 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, r
                 sys.stderr.write(f"  {r.name} batch {batch}: p50 {p50:.2f} ms\n")
     return results
 
+
 def format_table(results: Sequence[BenchResult]) -> str:
     head = "| model | provider | batch | p50 ms | p90 ms | p99 ms | mean ± std ms | images/s | peak mem |"
     lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -312,7 +314,9 @@ def format_table(results: Sequence[BenchResult]) -> str:
     first = results[0] if results else None
     if first:
         lines.append("")
-        uniq = lambda attr: ", ".join(dict.fromkeys(str(getattr(r, attr)) for r in results))  # noqa: E731
+        def uniq(attr: str) -> str:
+            return ", ".join(dict.fromkeys(str(getattr(r, attr)) for r in results))
+
         lines.append(f"device: {uniq('device')}; engine {uniq('engine')}; threads {first.threads}; "
                      f"precision {uniq('precision')}; {first.runs} timed runs per point"
                      + (", interleaved in blocks" if len({r.model for r in results}) > 1 else ""))
