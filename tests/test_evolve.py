@@ -276,3 +276,14 @@ def test_cuda_layout_and_autocast_rehearsed_on_cpu(tmp_path, monkeypatch):
     c = torch.load(tmp_path / "fp32" / "gen1" / "last.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(ref[k], c[k]) for k in ref)  # the rehearsal really trained in bf16
     assert len(full) == len(fp32) == 2
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    cfg = _cfg()
+    cfg.generations = 1
+    first = evolve(cfg, tmp_path / "r", progress=False, echo=lambda s: None)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r" / "gen1").iterdir()}
+    said = []
+    again = evolve(cfg, tmp_path / "r", resume=True, progress=False, echo=said.append)
+    assert again == first and said == [f"{tmp_path / 'r'} is already complete (1 of 1 generations); nothing to do"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "gen1").iterdir()} == before

@@ -133,7 +133,10 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         model.load_state_dict(st["model"])
         gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
         records = [r for r in read_records(metrics) if r.get("kind") == "generation" and r["generation"] < gen]
-        echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
+        if gen > cfg.generations:
+            echo(f"{out} is already complete ({cfg.generations} of {cfg.generations} generations); nothing to do")
+        else:
+            echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
 
     net = ddp(prepare_model(model, device), world)
     epochs_run = 0

@@ -146,7 +146,10 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
 
     st = load_state(out) if resume else {"phase": "gates", "epochs_done": 0}
     if resume:
-        echo(f"resuming {out} in the {st['phase']} phase at epoch {int(st['epochs_done']) + 1}")
+        if st["phase"] == "finetune" and int(st["epochs_done"]) >= cfg.finetune.epochs:
+            echo(f"{out} has finished fine-tuning; writing its outputs again from state.pt")
+        else:
+            echo(f"resuming {out} in the {st['phase']} phase at epoch {int(st['epochs_done']) + 1}")
 
     # --- importance learning -----------------------------------------------------------------
     torch.manual_seed(cfg.gate.seed)

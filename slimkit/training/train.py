@@ -78,7 +78,8 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         start = int(st["epochs_done"])
-        echo(f"resuming {out} at epoch {start + 1}")
+        echo(f"{out} has run all {start} epochs; writing its outputs again from state.pt" if start >= cfg.train.epochs
+             else f"resuming {out} at epoch {start + 1}")
     finished = run_epochs(
         net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
         out=out, main=main, progress=progress, eval_every=cfg.eval_every,
