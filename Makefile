@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := models/digits_resnet20.pt
+DEMO_KE := models/digits_resnet20_ke.pt
 
 .PHONY: venv demo test test-fast clean
 
@@ -21,6 +22,7 @@ demo: venv
 	$(BIN)/slimkit extract --split-rate 0.5 $(DEMO) -o .demo/digits_resnet20.slim.pt --force
 	$(BIN)/slimkit export .demo/digits_resnet20.slim.pt -o .demo/digits_resnet20.slim.onnx --force
 	$(BIN)/slimkit compare $(DEMO) --split-rate 0.5 --data digits --batch 1,32 --out .demo/compare --force
+	$(BIN)/slimkit compare $(DEMO_KE) --split-rate 0.5 --data digits --batch 1,32 --out .demo/compare_ke --force
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -119,3 +119,19 @@ def test_evolve_runs_on_a_ke_layout_dataset(cli, tmp_path):
     assert r.code == 0, r.err
     ck = load(tmp_path / "run" / "gen2" / "last.pt")
     assert ck.slimkit_spec.args["num_classes"] == 3 and ck.slimkit_spec.args["in_chans"] == 3
+
+
+def test_bundled_ke_checkpoint_fit_hypothesis_keeps_its_accuracy():
+    """The KE-trained demo: its extracted fit hypothesis (25% of the parameters) scores what the file records."""
+    from slimkit.checkpoint import read
+    from slimkit.extract import fit_hypothesis
+
+    path = DEMO.with_name("digits_resnet20_ke.pt")
+    fh = fit_hypothesis(read(path), 0.5)
+    meta = torch.load(path, weights_only=True)["meta"]
+    x, y = digits("test", image_size=16).tensors
+    with torch.inference_mode():
+        dense = float((fh.dense(x).argmax(1) == y).float().mean())
+        slim = float((fh.slim(x).argmax(1) == y).float().mean())
+    assert abs(dense - meta["metrics"]["dense_test_acc"]) < 1e-6 and abs(slim - meta["metrics"]["fit_test_acc"]) < 1e-6
+    assert slim >= 0.97 and sum(p.numel() for p in fh.slim.parameters()) < 0.26 * sum(p.numel() for p in fh.dense.parameters())
