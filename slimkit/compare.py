@@ -96,10 +96,9 @@ def unaligned_widths(dense, slim, block: int = 8) -> tuple[list[int], int]:
     """
     from torch import nn
 
-    pairs = [(d.out_channels, s.out_channels) for d, s in zip(dense.modules(), slim.modules())
-             if isinstance(d, nn.Conv2d) and isinstance(s, nn.Conv2d)]
-    bad = sorted({sw for dw, sw in pairs if dw % block == 0 and sw % block})
-    return bad, sum(1 for dw, sw in pairs if dw % block == 0 and sw % block)
+    bad = [s.out_channels for d, s in zip(dense.modules(), slim.modules())
+           if isinstance(d, nn.Conv2d) and d.out_channels % block == 0 and s.out_channels % block]
+    return sorted(set(bad)), len(bad)
 
 
 def default_compare_dir(ckpt: Path) -> Path:

@@ -120,9 +120,10 @@ def test_compare_profile_explains_unaligned_widths(cli, tmp_path):
     assert total["dense_ms"] == pytest.approx(sum(r["dense_ms"] for r in parts))
     assert total["mac_ratio"] == pytest.approx(rep.slim["macs"] / rep.dense["macs"])
     assert kinds["all dense convs"]["activation_ratio"] > kinds["all dense convs"]["mac_ratio"]
-    if kinds["conv, blocked NCHWc"]["dense_ms"] > 0:  # this CPU has ORT's blocked kernels
-        assert kinds["conv, plain NCHW"]["dense_ms"] == 0  # 16/32/64: every dense conv blocked
-        assert kinds["conv, plain NCHW"]["slim_ms"] > 0  # 13/26/52: some slim convs are not
     assert "### Where the time goes" in (tmp_path / "c" / "compare.md").read_text()
     r = cli("compare", ck, "--split-rate", "0.8", "--provider", "torch", "--profile", "--out", tmp_path / "t")
     assert r.code == 2 and "needs --provider cpu" in r.err and not (tmp_path / "t").exists()
+    if kinds["conv, blocked NCHWc"]["dense_ms"] == 0:
+        pytest.skip("this CPU's ONNX Runtime runs no conv in its blocked NCHWc layout")
+    assert kinds["conv, plain NCHW"]["dense_ms"] == 0  # 16/32/64: every dense conv blocked
+    assert kinds["conv, plain NCHW"]["slim_ms"] > 0  # 13/26/52: some slim convs are not

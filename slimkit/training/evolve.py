@@ -22,15 +22,14 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
-from slimkit.fileio import atomic_write
 from slimkit.graph import ChannelGraph, prunable_layers
 from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model, train_one_epoch
-from slimkit.training.runs import (barrier, datasets, ddp, process_group, input_kwargs, log_record, num_classes_of,
-                                   resolve_device,
-                                   check_run_dir, read_records, shift_augment, start_run_dir)
+from slimkit.training.runs import (barrier, check_run_dir, datasets, ddp, input_kwargs, load_state, log_record,
+                                   num_classes_of, process_group, read_records, resolve_device, save_state,
+                                   shift_augment, start_run_dir)
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
@@ -110,7 +109,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
             _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu") -> list[dict[str, Any]]:
     main = rank == 0
-    state_path, metrics = out / "state.pt", out / "metrics.jsonl"
+    metrics = out / "metrics.jsonl"
     check_run_dir(out, cfg.to_json(), resume, "evolve")
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
@@ -129,7 +128,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
 
     gen, epoch_done, opt_state, records = 1, 0, None, []
     if resume:
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        st = load_state(out)
         model.load_state_dict(st["model"])
         gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
         records = [r for r in read_records(metrics) if r.get("kind") == "generation" and r["generation"] < gen]
@@ -155,7 +154,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             train_s = time.perf_counter() - te
             epochs_run += 1
             if main:
-                last = _log_epoch(cfg, model, masks, test, metrics, state_path, opt, gen, epoch, stats, train_s, te, device)
+                last = _log_epoch(cfg, model, masks, test, out, opt, gen, epoch, stats, train_s, te, device)
             if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
                 return records  # simulated crash on every rank, for the resume tests
         if not main:
@@ -184,13 +183,12 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         _write_summary(out, cfg, records)
         gen, epoch_done = gen + 1, 0
         st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
-        atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
+        save_state(out, st)
     return records
 
 
-def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, metrics: Path,
-               state_path: Path, opt, gen: int, epoch: int, stats: dict[str, float], train_s: float, t0: float,
-               device: str) -> dict[str, Any]:
+def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, out: Path, opt,
+               gen: int, epoch: int, stats: dict[str, float], train_s: float, t0: float, device: str) -> dict[str, Any]:
     """Rank 0 after an epoch: evaluate (every ``eval_every`` epochs), log, and save the resume state."""
     # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
     # the extracted network's (the surgery invariant) and it needs no tracing
@@ -198,9 +196,9 @@ def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tenso
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.train.epochs:
         record.update(dense_acc=accuracy(model, test, device=device),
                       fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
-    log_record(metrics, {**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
-    st = {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()}
-    atomic_write(state_path, lambda tmp: torch.save(st, tmp), force=True)
+    log_record(out / "metrics.jsonl", {**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+    save_state(out, {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(),
+                     "optimizer": opt.state_dict()})
     return record
 
 

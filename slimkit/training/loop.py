@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from slimkit.errors import SlimkitError
+from slimkit.evaluate import device_layout as _layout
 
 __all__ = ["TrainConfig", "lr_at", "epoch_seed", "train_one_epoch", "LOSSES"]
 
@@ -133,13 +134,6 @@ def _autocast(device: str):
     if str(device).startswith("cuda"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _layout(x: torch.Tensor, device: str) -> torch.Tensor:
-    """Images in channels_last on CUDA (tensor-core convs want NHWC); unchanged elsewhere."""
-    if str(device).startswith("cuda") and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def prepare_model(model: nn.Module, device: str) -> nn.Module:

@@ -183,7 +183,6 @@ def ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
     return DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
 
 
-
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
     """(rank, world): joins torchrun's process group when launched by it, and leaves it after."""
