@@ -24,8 +24,14 @@ demo: venv
 	$(BIN)/slimkit compare $(DEMO) --split-rate 0.5 --data digits --batch 1,32 --out .demo/compare --force
 	$(BIN)/slimkit compare $(DEMO_KE) --split-rate 0.5 --data digits --batch 1,32 --out .demo/compare_ke --force
 
+# Equalities between different computations (slim vs masked, merged vs mean of teachers, ONNX vs
+# torch, DEN's old tasks) are run a second time on one thread: they must hold for any reduction order.
+INVARIANTS := tests/test_surgery.py tests/test_plan.py tests/test_checkpoint.py tests/test_export.py \
+              tests/test_merge.py tests/test_den.py
+
 test: venv
-	$(BIN)/python -m pytest -q
+	SLIMKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q
+	SLIMKIT_TEST_THREADS=1 $(BIN)/python -m pytest -q $(INVARIANTS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -32,7 +32,7 @@ from slimkit.plan import KeepPlan
 CLIP = 5.0  # gradient-norm clip of every DEN training step
 
 __all__ = ["refresh_spec", "add_head", "select_units", "grow", "remove_units", "snapshot", "drift",
-           "split_units", "new_unit_masks", "selected_masks", "fit", "FitPenalties", "dead_units", "widths",
+           "split_units", "task_network", "new_unit_masks", "selected_masks", "fit", "FitPenalties", "dead_units", "widths",
            "count_params"]
 
 
@@ -241,6 +241,23 @@ def remove_units(net: DENNet, drop: list[list[int]]) -> DENNet:
         i = int(name.split(".")[1])
         setattr(net, f"stamp{i}", stamps[name][list(kept)].clone())
     return refresh_spec(net)
+
+
+def task_network(net: DENNet, task: int) -> DENNet:
+    """The physical network of task ``task``: the units stamped <= task, cut out with a KeepPlan and the
+    one surgery, and head ``task`` alone. ``task_network(net, t)(x)`` equals ``net(x, t)``."""
+    import copy
+
+    if not 1 <= task <= len(net.heads):
+        raise SlimkitError(f"task {task} does not exist; the network has tasks 1..{len(net.heads)}")
+    sub = copy.deepcopy(net)
+    keep = sub.units(task)
+    remove_units(sub, [[j for j in range(_out(layer)) if j not in set(k.tolist())]
+                       for layer, k in zip(sub.hidden, keep)])
+    sub.heads = nn.ModuleList([sub.heads[task - 1]])
+    for s in sub.stamps():
+        s.fill_(1)  # a one-task network: every unit belongs to its only task
+    return refresh_spec(sub)
 
 
 # --- drift and split --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slimkit.errors import SlimkitError
@@ -254,8 +255,8 @@ class DENNet(nn.Module):
     ``hidden`` holds the unit layers in order: 3x3 convs (units are channels; ReLU, then 2x2 max-pool
     while the map is at least 2 wide, and a global average pool after the last) followed by Linear
     layers (units are neurons). ``stamp{l}`` records the task (1-based) at which each unit of layer l
-    was added. ``forward(x, task)`` is timestamped inference: units added after ``task`` are silenced
-    and head ``task`` answers. ``forward(x)`` runs every unit and concatenates all heads (what
+    was added. ``forward(x, task)`` is timestamped inference: the subnetwork of units stamped <= ``task``
+    answers through head ``task``; later units take no part. ``forward(x)`` runs every unit and concatenates all heads (what
     tracing and surgery see).
     """
 
@@ -283,24 +284,46 @@ class DENNet(nn.Module):
     def stamps(self) -> list[torch.Tensor]:
         return [getattr(self, f"stamp{i}") for i in range(len(self.hidden))]
 
+    def units(self, task: int) -> list[torch.Tensor]:
+        """Indices of each hidden layer's units stamped <= ``task``, in their row order."""
+        return [torch.nonzero(s <= task).flatten() for s in self.stamps()]
+
     def features(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
+        """Hidden features: of every unit, or (``task`` given) of the subnetwork of units stamped <= task.
+
+        Timestamped inference computes with that subnetwork's weights gathered into dense tensors,
+        not with later units silenced: growth appends rows and columns but leaves the gathered
+        tensors (values and shapes) of earlier tasks unchanged, so task t's outputs after growth are
+        the same computation as before it, on any machine.
+        """
+        return self._features(x, self.units(task) if task is not None else None)
+
+    def _features(self, x: torch.Tensor, keep: list[torch.Tensor] | None) -> torch.Tensor:
         h = x if self.n_conv else x.flatten(1)
+        prev = None  # indices of the previous layer's kept units (None: all inputs)
         for i, layer in enumerate(self.hidden):
-            h = torch.relu(layer(h))
+            if keep is None:
+                h = layer(h)
+            else:
+                w, b = layer.weight.index_select(0, keep[i]), layer.bias.index_select(0, keep[i])
+                if prev is not None:
+                    w = w.index_select(1, prev)
+                h = layer._conv_forward(h, w, b) if isinstance(layer, nn.Conv2d) else F.linear(h, w, b)
+                prev = keep[i]
+            h = torch.relu(h)
             if i < self.n_conv and self._pool[i]:
-                h = torch.nn.functional.max_pool2d(h, 2)
-            if task is not None:
-                keep = (getattr(self, f"stamp{i}") <= task).to(h.dtype)
-                h = h * keep.view(1, -1, *([1] * (h.dim() - 2)))
+                h = F.max_pool2d(h, 2)
             if i == self.n_conv - 1:
                 h = h.mean((2, 3))
         return h
 
     def forward(self, x: torch.Tensor, task: int | None = None) -> torch.Tensor:
-        h = self.features(x, task)
         if task is None:
+            h = self._features(x, None)
             return torch.cat([head(h) for head in self.heads], 1)
-        return self.heads[task - 1](h)
+        keep = self.units(task)
+        head = self.heads[task - 1]
+        return F.linear(self._features(x, keep), head.weight.index_select(1, keep[-1]), head.bias)
 
 
 @register_model("den_mlp", input_shape=lambda a: (a["in_chans"], a["image_size"], a["image_size"]))

@@ -182,6 +182,11 @@ def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
     assert {r["method"] for r in recs} == {"den", "dnn", "stl", "mtl"}
     net = load(out / "task3.pt")
     assert net.slimkit_spec.args["hidden"] == tuple(s["den_tasks"][-1]["widths"])
+    x = torch.randn(8, *net.slimkit_spec.input_shape)
+    for t in (1, 2, 3):  # each task's deployable network answers as the grown network does for that task
+        sub = load(out / "deploy" / f"task{t}.pt")
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), net(x, t), rtol=1e-5, atol=1e-6)
     text = (out / "summary.md").read_text()
     for word in ("R[i][j]", "forgetting", "selected", "duplicated", "STL"):
         assert word in text
@@ -291,3 +296,23 @@ def test_den_on_an_image_folder(tmp_path, cli):
     assert r.code == 0, r.err
     net = load(tmp_path / "r" / "task2.pt")
     assert net.slimkit_spec.input_shape == (3, 8, 8)  # image folders are read as RGB
+
+
+@pytest.mark.parametrize("arch,kw", [("den_mlp", dict(hidden=(12, 6))), ("den_conv", dict(channels=(6, 8), hidden=(5,)))])
+def test_task_network_is_the_physical_subnetwork_of_its_units(arch, kw):
+    torch.manual_seed(0)
+    net = create_model(arch, heads=(2,), **kw)
+    g = torch.Generator().manual_seed(0)
+    for t in (2, 3):
+        D.add_head(net, 3, g)
+        D.grow(net, 2, t, g)
+    x = _data(n=16).tensors[0]
+    for t in (1, 2, 3):
+        sub = D.task_network(net, t)
+        n_units = [int((s <= t).sum()) for s in net.stamps()]
+        assert D.widths(sub) == n_units and len(sub.heads) == 1  # physically smaller: later units are gone
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), net(x, t), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(sub(x, 1), sub(x), rtol=0, atol=0)
+    with pytest.raises(SlimkitError, match="task 4 does not exist"):
+        D.task_network(net, 4)

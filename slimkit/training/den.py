@@ -435,6 +435,11 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
     summary = {"tasks": [t.name for t in tasks], "metric": "AUROC" if all(t.binary for t in tasks) else
                ("accuracy" if not any(t.binary for t in tasks) else "AUROC (binary) / accuracy"),
                "results": results, "den_tasks": per_task, "seconds": time.perf_counter() - t0}
+    deploy = out / "deploy"
+    deploy.mkdir(exist_ok=True)
+    for t in range(1, len(tasks) + 1):  # each task's own network, physically cut: what `slimkit export` takes
+        save(D.task_network(net, t), deploy / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks},
+             provenance={"recipe": "slimkit den: units stamped <= task, head of the task", "config": cfg.to_json()})
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_summary(out, cfg, summary)
     return summary
