@@ -86,9 +86,10 @@ def main() -> None:
         lines += ["", f"The fit hypothesis at N{last['generation']} ({last['fit_mean']:.2f}%) {verdict} the dense N1 "
                   f"({first['dense_mean']:.2f}%). Paper (Flower102, ResNet18): dense 52.8 at N1, slim 61.9 at N10."]
         (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
-        plot_generations(RESULTS / f"{stem}.png", [r["generation"] for r in table], [r["dense_mean"] for r in table],
-                         [r["fit_mean"] for r in table], [r["dense_std"] for r in table], [r["fit_std"] for r in table],
-                         fit_label=f"fit hypothesis ({mode})")
+        fig = plot_generations([r["generation"] for r in table], [r["dense_mean"] for r in table],
+                               [r["fit_mean"] for r in table], [r["dense_std"] for r in table],
+                               [r["fit_std"] for r in table], fit_label=f"fit hypothesis ({mode})")
+        fig.savefig(RESULTS / f"{stem}.png", dpi=120)
     else:
         (RESULTS / f"{stem}_losses.json").write_text(json.dumps(
             {"command": cmd, "seconds": seconds, "tables": tables}, indent=2) + "\n")

@@ -347,16 +347,14 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
     it ends with the same results and networks as an uninterrupted run. ``_stop_after`` simulates a
     crash after that many tasks and baselines (for the resume test) and returns None.
     """
-    from slimkit.checkpoint import load, save
-    from slimkit.training.runs import (StopAfter, check_run_dir, load_state, log_record, read_records, save_state,
-                                       start_run_dir)
+    from slimkit.checkpoint import load
+    from slimkit.training.rundir import RunDir
+    from slimkit.training.runs import StopAfter
 
     out = Path(out)
     tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed)  # refuses bad specs before writing
-    check_run_dir(out, cfg.to_json(), resume, "den")
-    if not resume:
-        start_run_dir(out, cfg.to_json())
-    metrics = out / "metrics.jsonl"
+    run = RunDir(out, "den", cfg.to_json(), resume).check()
+    run.begin()
     stop = StopAfter(_stop_after)
     t0 = time.perf_counter()
     net = _new_net(cfg, (), cfg.seed)
@@ -365,21 +363,17 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
     per_task: list[dict[str, Any]] = []
     results: dict[str, Any] = {}  # finished baselines
     done = 0
-    if resume:
-        st = load_state(out)
+    if run.state is not None:
+        st = run.state
         done, R, per_task, results = int(st["tasks_done"]), st["R"], st["per_task"], st["baselines"]
         if done:
             net = load(out / f"task{done}.pt")  # the grown, timestamped network as it was after task `done`
             gen.set_state(st["generator"])
-        # records written after the last saved state belong to work that will be redone
-        kept = [r for r in read_records(metrics) if (r.get("kind") == "task" and r["task"] <= done)
-                or (r.get("kind") == "baseline" and r["method"] in results)]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         echo(f"resuming {out} after task {done}/{len(tasks)}"
              + (f" and baselines {', '.join(results)}" if results else ""))
 
     def checkpoint_state() -> None:
-        save_state(out, {"tasks_done": done, "R": R, "per_task": per_task, "baselines": results,
+        run.save_state({"tasks_done": done, "R": R, "per_task": per_task, "baselines": results,
                          "generator": gen.get_state()})
 
     it = range(done + 1, len(tasks) + 1)
@@ -394,9 +388,9 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         R.append([score(net, j, tasks[j - 1]) for j in range(1, t + 1)])
         rec.update(kind="task", method="den", task=t, name=task.name, widths=D.widths(net),
                    params=D.count_params(net), nonzero=D.count_params(net, nonzero=True), scores=R[-1], seconds=time.perf_counter() - ts)
-        log_record(metrics, rec)
+        run.log(rec)
         per_task.append(rec)
-        save(net, out / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks, "record": rec},
+        run.save_model(net, f"task{t}.pt", den={"task": t, "tasks": cfg.tasks, "record": rec},
              provenance={"recipe": "slimkit den", "config": cfg.to_json()})
         done = t
         checkpoint_state()
@@ -423,7 +417,7 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
             Rb = []
             params, nz = _sequential_baseline(b, tasks, cfg, Rb)
             results[b] = {"R": Rb, **_metrics(Rb), "params": params, "nonzero": nz}
-        log_record(metrics, {"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
+        run.log({"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
         checkpoint_state()
         echo(f"baseline {b}: average {100 * results[b]['average']:.2f}"
              + (f", forgetting {100 * results[b]['forgetting']:.2f}" if results[b]["forgetting"] is not None else ""))
@@ -435,17 +429,16 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
     summary = {"tasks": [t.name for t in tasks], "metric": "AUROC" if all(t.binary for t in tasks) else
                ("accuracy" if not any(t.binary for t in tasks) else "AUROC (binary) / accuracy"),
                "results": results, "den_tasks": per_task, "seconds": time.perf_counter() - t0}
-    deploy = out / "deploy"
-    deploy.mkdir(exist_ok=True)
     for t in range(1, len(tasks) + 1):  # each task's own network, physically cut: what `slimkit export` takes
-        save(D.task_network(net, t), deploy / f"task{t}.pt", force=True, den={"task": t, "tasks": cfg.tasks},
-             provenance={"recipe": "slimkit den: units stamped <= task, head of the task", "config": cfg.to_json()})
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_summary(out, cfg, summary)
+        run.save_model(D.task_network(net, t), f"deploy/task{t}.pt", den={"task": t, "tasks": cfg.tasks},
+                       provenance={"recipe": "slimkit den: units stamped <= task, head of the task",
+                                   "config": cfg.to_json()})
+    run.write_text("results.json", json.dumps(summary, indent=2) + "\n")
+    _write_summary(run, cfg, summary)
     return summary
 
 
-def _write_summary(out: Path, cfg: DENConfig, s: dict[str, Any]) -> None:
+def _write_summary(run, cfg: DENConfig, s: dict[str, Any]) -> None:
     res, names, metric = s["results"], s["tasks"], s["metric"]
     T = len(names)
     arch = (f"conv {'-'.join(map(str, cfg.channels))} + " if cfg.channels else "MLP ") + "-".join(map(str, cfg.hidden))
@@ -470,18 +463,15 @@ def _write_summary(out: Path, cfg: DENConfig, s: dict[str, Any]) -> None:
     for r in s["den_tasks"]:
         lines.append(f"| {r['task']} ({r['name']}) | {r['selected']} | {r['added']} | {r['pruned']} | {r['duplicated']} | "
                      f"{r['widths']} | {r['params']:,} |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "den.png", s)
+    run.write_text("summary.md", "\n".join(lines) + "\n")
+    run.write_figure("den.png", _plot(s))
 
 
-def _plot(path: Path, s: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot(s: dict[str, Any]):
+    from slimkit.plots import figure
 
     res = s["results"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    fig, (ax1, ax2) = figure(1, 2, size=(9.5, 3.6))
     for m, r in res.items():
         if m == "mtl":
             ax1.axhline(100 * r["average"], ls=":", color="grey", label="MTL (joint, final)")
@@ -498,5 +488,4 @@ def _plot(path: Path, s: dict[str, Any]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

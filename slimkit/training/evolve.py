@@ -27,9 +27,9 @@ from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model, train_one_epoch
-from slimkit.training.runs import (barrier, check_run_dir, datasets, ddp, input_kwargs, load_state, log_record,
-                                   num_classes_of, process_group, read_records, resolve_device, save_state,
-                                   shift_augment, start_run_dir)
+from slimkit.training.rundir import RunDir
+from slimkit.training.runs import (barrier, datasets, ddp, input_kwargs, num_classes_of, process_group, resolve_device,
+                                   shift_augment)
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
@@ -108,15 +108,12 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
             _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu") -> list[dict[str, Any]]:
-    main = rank == 0
-    metrics = out / "metrics.jsonl"
-    check_run_dir(out, cfg.to_json(), resume, "evolve")
+    run = RunDir(out, "evolve", cfg.to_json(), resume, main=rank == 0).check()
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
     num_classes = num_classes_of(train, test, cfg.num_classes)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
-    if main and not resume:
-        start_run_dir(out, cfg.to_json())
+    run.begin()
     model = _build(cfg, num_classes)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)
@@ -126,16 +123,16 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     augment = shift_augment if cfg.data == "digits" else None
     tc = cfg.train
 
-    gen, epoch_done, opt_state, records = 1, 0, None, []
-    if resume:
-        st = load_state(out)
+    gen, epoch_done, opt_state = 1, 0, None
+    if run.state is not None:
+        st = run.state
         model.load_state_dict(st["model"])
         gen, epoch_done, opt_state = int(st["generation"]), int(st["epochs_done"]), st["optimizer"]
-        records = [r for r in read_records(metrics) if r.get("kind") == "generation" and r["generation"] < gen]
         if gen > cfg.generations:
             echo(f"{out} is already complete ({cfg.generations} of {cfg.generations} generations); nothing to do")
         else:
             echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
+    records = run.records("generation")
 
     net = ddp(prepare_model(model, device), world)
     epochs_run = 0
@@ -143,8 +140,8 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         t0 = time.perf_counter()
         if gen > 1 and epoch_done == 0:  # a fresh generation: keep the fit hypothesis, redraw the rest
             reinit_reset(model, masks, torch.Generator().manual_seed(cfg.train.seed * 7919 + gen))
-        opt = make_optimizer(net, tc)
-        if opt_state is not None:
+        opt = make_optimizer(net, tc)  # every generation starts with a fresh optimizer and schedule
+        if opt_state is not None:  # resumed inside a generation: its optimizer as it was
             opt.load_state_dict(opt_state)
             opt_state = None
         last: dict[str, Any] = {}  # the last epoch's record: a generation's last epoch is always evaluated
@@ -153,11 +150,11 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress, device=device)
             train_s = time.perf_counter() - te
             epochs_run += 1
-            if main:
-                last = _log_epoch(cfg, model, masks, test, out, opt, gen, epoch, stats, train_s, te, device)
+            if run.main:
+                last = _log_epoch(cfg, model, masks, test, run, opt, gen, epoch, stats, train_s, te, device)
             if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
                 return records  # simulated crash on every rank, for the resume tests
-        if not main:
+        if not run.main:
             gen, epoch_done = gen + 1, 0
             continue
         dense_acc = last["dense_acc"] if "dense_acc" in last else accuracy(model, test, device=device)
@@ -166,28 +163,24 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             fit_acc = accuracy(fit, test, device=device)
         else:
             fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device)
-        gdir = out / f"gen{gen}"
-        gdir.mkdir(exist_ok=True)
-        from slimkit.checkpoint import save
-
-        save(model, gdir / "last.pt", force=True, split=_split_meta(cfg),
-             metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
-             data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0},
-             provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
+        run.save_model(model, f"gen{gen}/last.pt", split=_split_meta(cfg),
+                       metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
+                       data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0},
+                       provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
         rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
                "seconds": time.perf_counter() - t0}
-        log_record(metrics, rec)
+        run.log(rec)
         records.append(rec)
         echo(f"generation {gen}/{cfg.generations}: dense {100 * dense_acc:.2f}%  fit hypothesis "
              f"({cfg.split_mode.upper()} {cfg.split_rate:g}) {100 * fit_acc:.2f}%  [{rec['seconds']:.1f} s]")
-        _write_summary(out, cfg, records)
+        _write_summary(run, cfg, records)
         gen, epoch_done = gen + 1, 0
-        st = {"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": opt.state_dict()}
-        save_state(out, st)
+        # the next generation starts with a fresh optimizer: no optimizer state crosses the boundary
+        run.save_state({"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": None})
     return records
 
 
-def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, out: Path, opt,
+def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, run: RunDir, opt,
                gen: int, epoch: int, stats: dict[str, float], train_s: float, t0: float, device: str) -> dict[str, Any]:
     """Rank 0 after an epoch: evaluate (every ``eval_every`` epochs), log, and save the resume state."""
     # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
@@ -196,9 +189,9 @@ def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tenso
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.train.epochs:
         record.update(dense_acc=accuracy(model, test, device=device),
                       fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
-    log_record(out / "metrics.jsonl", {**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
-    save_state(out, {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(),
-                     "optimizer": opt.state_dict()})
+    run.log({**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+    run.save_state({"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(),
+                    "optimizer": opt.state_dict()})
     return record
 
 
@@ -216,28 +209,27 @@ def _split_meta(cfg: EvolveConfig) -> dict[str, Any]:
     return meta
 
 
-def _write_summary(out: Path, cfg: EvolveConfig, records: list[dict[str, Any]]) -> None:
+def _write_summary(run: RunDir, cfg: EvolveConfig, records: list[dict[str, Any]]) -> None:
     lines = [f"# Knowledge Evolution: {cfg.arch} on {cfg.data}, {cfg.split_mode.upper()} split rate {cfg.split_rate:g}", "",
              f"{cfg.train.epochs} epochs per generation, loss {cfg.train.loss}, seed {cfg.train.seed}"
              + (f", {cfg.train_per_class} training images per class" if cfg.train_per_class else ""), "",
              "| generation | dense test acc | fit hypothesis test acc |", "|---:|---:|---:|"]
     lines += [f"| N{r['generation']} | {100 * r['dense_acc']:.2f}% | {100 * r['fit_acc']:.2f}% |" for r in records]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    run.write_text("summary.md", "\n".join(lines) + "\n")
     g = [r["generation"] for r in records]
-    plot_generations(out / "generations.png", g, [100 * r["dense_acc"] for r in records],
-                     [100 * r["fit_acc"] for r in records], fit_label=f"fit hypothesis ({cfg.split_mode})")
+    run.write_figure("generations.png", plot_generations(g, [100 * r["dense_acc"] for r in records],
+                                                         [100 * r["fit_acc"] for r in records],
+                                                         fit_label=f"fit hypothesis ({cfg.split_mode})"), dpi=120)
 
 
-def plot_generations(path: Path, generations: list[int], dense: list[float], fit: list[float],
+def plot_generations(generations: list[int], dense: list[float], fit: list[float],
                      dense_err: list[float] | None = None, fit_err: list[float] | None = None,
-                     fit_label: str = "fit hypothesis") -> None:
-    """Test accuracy (%) of the dense network and its fit hypothesis vs generation, with optional error bars."""
-    import matplotlib
+                     fit_label: str = "fit hypothesis"):
+    """A figure of test accuracy (%) of the dense network and its fit hypothesis vs generation, with
+    optional error bars."""
+    from slimkit.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = figure()
     ax.errorbar(generations, dense, dense_err, marker="o", capsize=3, label="dense")
     ax.errorbar(generations, fit, fit_err, marker="s", capsize=3, label=fit_label)
     ax.set_xlabel("generation")
@@ -246,5 +238,4 @@ def plot_generations(path: Path, generations: list[int], dense: list[float], fit
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

@@ -24,9 +24,9 @@ from torch import nn
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
-from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, load_state, log_record,
-                                   num_classes_of, process_group, read_records, resolve_device, run_epochs, save_state,
-                                   shift_augment, start_run_dir)
+from slimkit.training.rundir import RunDir
+from slimkit.training.runs import (StopAfter, barrier, datasets, ddp, num_classes_of, process_group, resolve_device,
+                                   run_epochs, shift_augment)
 
 __all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
 
@@ -108,10 +108,8 @@ def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume:
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
            stop: StopAfter, rank: int, world: int, device: str) -> dict[str, Any]:
-    from slimkit.checkpoint import save
     from slimkit.merge import GatedStudent, compress, concat_teachers
 
-    main = rank == 0
     loaded = _read_teachers(paths, arch, num_classes)
     ta, tb = (ld.model for ld in loaded)
     try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
@@ -119,7 +117,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     except SlimkitError as exc:
         raise SlimkitError(f"cannot merge {paths[0]} and {paths[1]}: {exc}") from None
     config = {**cfg.to_json(), "teachers": [ld.sha256 for ld in loaded]}
-    check_run_dir(out, config, resume, "merge")
+    run = RunDir(out, "merge", config, resume, main=rank == 0).check()
     spec = ta.slimkit_spec
     c, h = spec.input_shape[0], spec.input_shape[1]
     train_ds, test = datasets(cfg.data, c, h, cfg.train_per_class, cfg.subset_seed)
@@ -127,25 +125,23 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     if spec.args.get("num_classes") != classes:
         raise SlimkitError(f"the teachers have {spec.args.get('num_classes')} classes but {cfg.data} has {classes}")
     barrier(world)
-    if main and not resume:
-        start_run_dir(out, config)
+    run.begin()
     augment = shift_augment if cfg.data == "digits" else None
-    metrics = out / "metrics.jsonl"
 
-    if not resume and main:
+    if run.state is None and run.main:  # a new run, or one stopped before its first state: start from the teachers
         rec = {"kind": "teachers", "teacher_a": accuracy(ta, test), "teacher_b": accuracy(tb, test),
                "ensemble": ensemble_accuracy([ta, tb], test), "big_student": accuracy(big, test),
                "teacher_params": _params(ta), "big_params": _params(big),
                "teacher_paths": [str(p) for p in paths]}
-        log_record(metrics, rec)
-        save(big, out / "big.pt", force=True, provenance={"recipe": "slimkit merge: concatenated teachers",
-                                                         "teachers": rec["teacher_paths"]})
+        run.log(rec)
+        run.save_model(big, "big.pt", provenance={"recipe": "slimkit merge: concatenated teachers",
+                                                  "teachers": rec["teacher_paths"]})
         echo(f"teachers {100 * rec['teacher_a']:.2f}% / {100 * rec['teacher_b']:.2f}%, ensemble "
              f"{100 * rec['ensemble']:.2f}%, big student {100 * rec['big_student']:.2f}% "
              f"({rec['big_params']:,} parameters)")
 
-    st = load_state(out) if resume else {"phase": "gates", "epochs_done": 0}
-    if resume:
+    st = run.state or {"phase": "gates", "epochs_done": 0}
+    if run.state is not None:
         if st["phase"] == "finetune" and int(st["epochs_done"]) >= cfg.finetune.epochs:
             echo(f"{out} has finished fine-tuning; writing its outputs again from state.pt")
         else:
@@ -162,7 +158,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         adam.param_groups[0]["lr_scale"] = cfg.gate_lr / cfg.gate.lr
         opt = Optimizers(sgd, adam)
         lam = [cfg.lambda_init]
-        if resume:
+        if run.state is not None:
             gated.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
             lam = [float(st["lambda"])]
@@ -177,7 +173,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
 
         finished = run_epochs(
             net=net, model=gated, train=train_ds, test=test, opt=opt, cfg=cfg.gate, phase="gates",
-            start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+            start=int(st["epochs_done"]), run=run, progress=progress, eval_every=cfg.eval_every,
             augment=augment, extra_loss=lambda: lam[0] * gated.penalty(), on_epoch=on_epoch, stop=stop, device=device,
             state=lambda done: {"phase": "gates", "epochs_done": done, "model": gated.state_dict(),
                                 "optimizer": opt.state_dict(), "lambda": lam[0]})
@@ -185,15 +181,15 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
             return {}
         gated.to("cpu", memory_format=torch.contiguous_format)  # surgery traces on the CPU
         student, plan = compress(gated, ta)
-        if main:
+        if run.main:
             rec = {"kind": "compressed", "gated": accuracy(gated, test), "compressed": accuracy(student, test),
                    "params": _params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
-            log_record(metrics, rec)
-            save(student, out / "compressed.pt", force=True, merge_plan=plan.to_json(),
-                 provenance={"recipe": "slimkit merge: compressed student", "config": config})
+            run.log(rec)
+            run.save_model(student, "compressed.pt", merge_plan=plan.to_json(),
+                           provenance={"recipe": "slimkit merge: compressed student", "config": config})
             echo(f"gated student {100 * rec['gated']:.2f}%, compressed to the teachers' size "
                  f"{100 * rec['compressed']:.2f}% ({rec['params']:,} parameters)")
-            save_state(out, {"phase": "finetune", "epochs_done": 0, "model": student.state_dict()})
+            run.save_state({"phase": "finetune", "epochs_done": 0, "model": student.state_dict(), "optimizer": None})
         st = {"phase": "finetune", "epochs_done": 0}
     else:
         from slimkit.models import create_model
@@ -208,24 +204,23 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         opt.load_state_dict(st["optimizer"])
     finished = run_epochs(
         net=net, model=student, train=train_ds, test=test, opt=opt, cfg=cfg.finetune, phase="finetune",
-        start=int(st["epochs_done"]), out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+        start=int(st["epochs_done"]), run=run, progress=progress, eval_every=cfg.eval_every,
         augment=augment, stop=stop, generation=2, device=device,  # its own per-epoch seeds, not the gate phase's
         state=lambda done: {"phase": "finetune", "epochs_done": done, "model": student.state_dict(),
                             "optimizer": opt.state_dict()})
-    if not finished or not main:
+    if not finished or not run.main:
         return {}
     acc = accuracy(student, test, device=device)
-    save(student, out / "last.pt", force=True, metrics={"test_acc": acc},
-         data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0},
-         provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
-    records = read_records(metrics)
-    summary = _summary(out, cfg, spec.arch, records, acc, _params(student))
+    run.save_model(student, "last.pt", metrics={"test_acc": acc},
+                   data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0},
+                   provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
+    summary = _summary(run, cfg, spec.arch, run.records(), acc, _params(student))
     echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "
          f"{100 * summary['teacher_b']:.2f}%)  -> {out / 'last.pt'}")
     return summary
 
 
-def _summary(out: Path, cfg: MergeConfig, arch: str, records: list[dict[str, Any]], final: float,
+def _summary(run: RunDir, cfg: MergeConfig, arch: str, records: list[dict[str, Any]], final: float,
              params: int) -> dict[str, Any]:
     from slimkit.training.train import plot_curves
 
@@ -248,27 +243,26 @@ def _summary(out: Path, cfg: MergeConfig, arch: str, records: list[dict[str, Any
     better = max(t["teacher_a"], t["teacher_b"])
     verdict = "beats" if final > better else ("ties" if final == better else "does not beat")
     lines += ["", f"The merged student {verdict} the better teacher ({100 * final:.2f}% vs {100 * better:.2f}%)."]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    run.write_text("summary.md", "\n".join(lines) + "\n")
     gate_epochs = [r for r in epochs if r.get("phase") == "gates"]
     if gate_epochs:
-        plot_gates(out / "gates.png", gate_epochs)
-    plot_curves(out / "curves.png", epochs, title=f"merging two {arch}")
+        run.write_figure("gates.png", plot_gates(gate_epochs))
+    run.write_figure("curves.png", plot_curves(epochs, title=f"merging two {arch}"))
     return {"teacher_a": t["teacher_a"], "teacher_b": t["teacher_b"], "ensemble": t["ensemble"],
             "big_student": t["big_student"], "gated": comp["gated"], "compressed": comp["compressed"],
             "merged": final, "params": params, "teacher_params": t["teacher_params"]}
 
 
-def plot_gates(path: Path, gate_epochs: list[dict[str, Any]]) -> None:
-    """Fraction of open (non-zero eval) gates per gated layer group against gate epoch."""
+def plot_gates(gate_epochs: list[dict[str, Any]]):
+    """A figure of the fraction of open (non-zero eval) gates per gated layer group against gate epoch."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from slimkit.plots import figure
 
     names = list(gate_epochs[0]["open_fraction"])
     x = [r["epoch"] for r in gate_epochs]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    cmap = plt.get_cmap("viridis")
+    fig, ax = figure(size=(7, 4))
+    cmap = matplotlib.colormaps["viridis"]
     for i, n in enumerate(names):
         ax.plot(x, [r["open_fraction"][n] for r in gate_epochs], color=cmap(i / max(len(names) - 1, 1)),
                 lw=1, label=n if len(names) <= 12 else None)
@@ -280,5 +274,4 @@ def plot_gates(path: Path, gate_epochs: list[dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

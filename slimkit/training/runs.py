@@ -1,15 +1,11 @@
-"""What every training verb shares: datasets, the run directory, metrics, DDP set-up, resume checks.
+"""What every training verb shares: datasets, DDP set-up and the epoch runner.
 
-A run directory holds ``config.json`` (the settings, compared on --resume), ``metrics.jsonl`` (one
-JSON record per line), ``state.pt`` (everything needed to continue after the last finished epoch)
-and the verb's checkpoints and reports.
+The run directory (config, metrics, state, resume) is :mod:`slimkit.training.rundir`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,12 +13,11 @@ from torch.utils.data import Dataset, Subset
 
 from slimkit.data import labels_of
 from slimkit.errors import SlimkitError
-from slimkit.fileio import atomic_write
 from slimkit.models import model_params
+from slimkit.training.rundir import RunDir
 
-__all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "log_record", "read_records",
-           "distributed", "resolve_device", "check_run_dir", "start_run_dir", "barrier", "ddp", "process_group",
-           "StopAfter", "run_epochs", "save_state", "load_state", "num_classes_of"]
+__all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "distributed", "resolve_device", "barrier",
+           "ddp", "process_group", "StopAfter", "run_epochs", "num_classes_of"]
 
 
 def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | None = None,
@@ -107,15 +102,6 @@ def input_kwargs(arch: str, data: str, image_size: int) -> dict[str, Any]:
     return kwargs
 
 
-def log_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def distributed() -> tuple[int, int, bool]:
     """(rank, world size, whether we created the process group). Launched by torchrun: WORLD_SIZE > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -128,40 +114,6 @@ def distributed() -> tuple[int, int, bool]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         created = True
     return dist.get_rank(), dist.get_world_size(), created
-
-
-def check_run_dir(out: Path, config: dict[str, Any], resume: bool, verb: str) -> None:
-    """Check ``out`` for a new run (absent or empty) or a resume (same settings); writes nothing."""
-    cfg_path, state_path = out / "config.json", out / "state.pt"
-    if resume:
-        if not cfg_path.is_file() or not state_path.is_file():
-            raise SlimkitError(f"cannot resume: {out} holds no {verb} run (config.json and state.pt)")
-        saved = json.loads(cfg_path.read_text())
-        config = json.loads(json.dumps(config))  # as it was written: tuples read back as lists
-        diff = [k for k in config if saved.get(k) != config[k]]
-        if diff:
-            k = diff[0]
-            raise SlimkitError(f"cannot resume {out}: it was run with {k}={saved.get(k)!r}, now {k}={config[k]!r}; "
-                               "resume with the same settings or choose a new --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise SlimkitError(f"output directory {out} is not empty; use --resume {out} to continue it or choose a new --out")
-    if not out.parent.is_dir():
-        raise SlimkitError(f"cannot create {out}: directory {out.parent} does not exist")
-
-
-def start_run_dir(out: Path, config: dict[str, Any]) -> None:
-    """Create ``out`` and record the settings (rank 0 only, after every rank has checked it)."""
-    out.mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def save_state(out: Path, state: dict[str, Any]) -> None:
-    atomic_write(out / "state.pt", lambda tmp: torch.save(state, tmp), force=True)
-
-
-def load_state(out: Path) -> dict[str, Any]:
-    return torch.load(out / "state.pt", map_location="cpu", weights_only=True)
 
 
 def barrier(world: int) -> None:
@@ -212,11 +164,11 @@ class StopAfter:
 
 
 def run_epochs(*, net: torch.nn.Module, model: torch.nn.Module, train: Dataset, test: Dataset, opt, cfg,
-               phase: str, start: int, out: Path, main: bool, progress: bool, eval_every: int,
+               phase: str, start: int, run: RunDir, progress: bool, eval_every: int,
                state: Callable[[int], dict[str, Any]], augment=None, extra_loss=None,
                on_epoch: Callable[[int, dict[str, Any]], None] | None = None, stop: StopAfter | None = None,
                generation: int = 1, device: str = "cpu") -> bool:
-    """Train epochs ``start..cfg.epochs-1`` of one phase, logging and checkpointing state after each.
+    """Train epochs ``start..cfg.epochs-1`` of one phase; rank 0 logs to ``run`` and saves its state after each.
 
     ``net`` is what trains (possibly DDP-wrapped), ``model`` what is evaluated. ``state(epochs_done)``
     gives what state.pt holds after an epoch. Returns False when ``stop`` ended the run early.
@@ -234,12 +186,11 @@ def run_epochs(*, net: torch.nn.Module, model: torch.nn.Module, train: Dataset, 
         record = {"kind": "epoch", "phase": phase, "epoch": epoch + 1, **stats}
         if on_epoch is not None:
             on_epoch(epoch, record)  # on every rank: it may change training state (merge's lambda)
-        if main:
+        if run.main:
             if (epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs:
                 record["test_acc"] = accuracy(model, test, device=device)
-            log_record(out / "metrics.jsonl", {**record, "train_seconds": train_s,
-                                               "seconds": time.perf_counter() - t0})
-            save_state(out, state(epoch + 1))
+            run.log({**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+            run.save_state(state(epoch + 1))
         if stop is not None and stop.tick():
             return False
     return True

@@ -13,11 +13,12 @@ import torch
 
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
+from slimkit.cost import count_params
 from slimkit.models import create_model, input_shape_of
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model
-from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, input_kwargs, load_state,
-                                   num_classes_of, process_group, read_records, resolve_device, run_epochs,
-                                   shift_augment, start_run_dir)
+from slimkit.training.rundir import RunDir
+from slimkit.training.runs import (StopAfter, barrier, datasets, ddp, input_kwargs, num_classes_of, process_group,
+                                   resolve_device, run_epochs, shift_augment)
 
 __all__ = ["TrainRunConfig", "train", "plot_curves"]
 
@@ -60,61 +61,51 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
            rank: int, world: int, device: str) -> dict[str, Any]:
-    main = rank == 0
-    check_run_dir(out, cfg.to_json(), resume, "train")
+    run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0).check()
     kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
     shape = input_shape_of(cfg.arch, **kwargs)
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
     model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
-    if main and not resume:
-        start_run_dir(out, cfg.to_json())
+    run.begin()
     net = ddp(prepare_model(model, device), world)
     opt = make_optimizer(net, cfg.train)
     start = 0
-    if resume:
-        st = load_state(out)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        start = int(st["epochs_done"])
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        opt.load_state_dict(run.state["optimizer"])
+        start = int(run.state["epochs_done"])
         echo(f"{out} has run all {start} epochs; writing its outputs again from state.pt" if start >= cfg.train.epochs
              else f"resuming {out} at epoch {start + 1}")
     finished = run_epochs(
         net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
-        out=out, main=main, progress=progress, eval_every=cfg.eval_every,
+        run=run, progress=progress, eval_every=cfg.eval_every,
         augment=shift_augment if cfg.data == "digits" else None, stop=stop, device=device,
         state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
-    if not finished or not main:
+    if not finished or not run.main:
         return {}
     acc = accuracy(model, test, device=device)
-    from slimkit.checkpoint import save
-
-    save(model, out / "last.pt", force=True,
-         metrics={"test_acc": acc, "epochs": cfg.train.epochs},
-         data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
-               "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed},
-         provenance={"recipe": "slimkit train", "config": cfg.to_json()})
-    params = sum(p.numel() for p in model.parameters())
-    records = [r for r in read_records(out / "metrics.jsonl") if r.get("kind") == "epoch"]
-    (out / "summary.md").write_text(
+    run.save_model(model, "last.pt", metrics={"test_acc": acc, "epochs": cfg.train.epochs},
+                   data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+                         "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed},
+                   provenance={"recipe": "slimkit train", "config": cfg.to_json()})
+    params = count_params(model)
+    run.write_text("summary.md",
         f"# {cfg.arch} trained on {cfg.data}\n\n"
         f"{cfg.train.epochs} epochs, loss {cfg.train.loss}, lr {cfg.train.lr:g}, seed {cfg.train.seed}"
         + (f", {cfg.train_per_class} training images per class (subset seed {cfg.subset_seed})" if cfg.train_per_class else "")
         + f"\n\n| test accuracy | parameters |\n|---:|---:|\n| {100 * acc:.2f}% | {params:,} |\n")
-    plot_curves(out / "curves.png", records, title=f"{cfg.arch} on {cfg.data}")
+    run.write_figure("curves.png", plot_curves(run.records("epoch"), title=f"{cfg.arch} on {cfg.data}"))
     echo(f"trained {cfg.arch} for {cfg.train.epochs} epochs: test accuracy {100 * acc:.2f}%  -> {out / 'last.pt'}")
     return {"test_acc": acc, "params": params}
 
 
-def plot_curves(path: Path, records: list[dict[str, Any]], title: str = "") -> None:
-    """Training loss and test accuracy against epoch (one line per phase)."""
-    import matplotlib
+def plot_curves(records: list[dict[str, Any]], title: str = ""):
+    """A figure of training loss and test accuracy against epoch (one line per phase)."""
+    from slimkit.plots import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax1, ax2) = figure(1, 2, size=(9, 3.4))
     phases = list(dict.fromkeys(r.get("phase", "train") for r in records))
     offset = 0
     for ph in phases:
@@ -134,5 +125,4 @@ def plot_curves(path: Path, records: list[dict[str, Any]], title: str = "") -> N
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
