@@ -13,6 +13,10 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --gen for --generations would hide from --resume's flag check
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse prints usage + message over two lines; we print one
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
@@ -316,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="slimkit", description="Make trained networks physically smaller and faster, and prove it.")
     p.add_argument("--version", action="version", version=f"slimkit {__version__}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an internal error (also SLIMKIT_DEBUG=1)")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     e = sub.add_parser(
@@ -419,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         "channel group with the same surgery as extract, and fine-tune. Writes big.pt, compressed.pt, last.pt, "
         "metrics.jsonl, summary.md, gates.png and curves.png.",
     )
-    g.add_argument("teachers", nargs="+", help="the two teacher checkpoints (slimkit, or plain state_dicts with --arch)")
+    g.add_argument("teachers", nargs="*", help="the two teacher checkpoints (slimkit, or plain state_dicts with --arch); "
+                   "--resume remembers them")
     g.add_argument("--arch", help="architecture of plain state_dict teachers (see `slimkit models`)")
     g.add_argument("--num-classes", type=_positive_int, help="classes of plain state_dict teachers")
     g.add_argument("--gate-epochs", type=_positive_int, default=30, help="epochs of importance learning")
@@ -473,11 +479,66 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RUN_VERBS = ("evolve", "train", "merge", "den")
+_NOT_SETTINGS = {"verb", "func", "out", "resume", "device"}  # flags a resume may change or that name the run
+
+
+def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The dests of the optional flags written on the command line (abbreviations are off)."""
+    given = set()
+    for action in parser._actions:
+        if any(tok == o or (o.startswith("--") and tok.startswith(o + "=")) for tok in argv for o in action.option_strings):
+            given.add(action.dest)
+    return given
+
+
+def _invocation(args: argparse.Namespace) -> dict:
+    """The verb's settings as given, JSON-normalised (recorded in the run's config.json)."""
+    rec = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
+    if rec.get("teachers"):
+        from pathlib import Path
+
+        rec["teachers"] = [str(Path(t).resolve()) for t in rec["teachers"]]
+    return json.loads(json.dumps(rec))
+
+
+def _resume_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """--resume DIR: take the run's recorded flags; a flag given now that contradicts them is refused."""
+    from slimkit.errors import SlimkitError
+    from slimkit.training.rundir import saved_invocation
+
+    saved = saved_invocation(args.resume)
+    if saved is None:
+        return  # a run started from Python, or none: the settings must be given (RunDir.check compares them)
+    now, given = _invocation(args), _given(parser, argv)
+    for dest in sorted(given - _NOT_SETTINGS):
+        if dest in saved and now.get(dest) != saved[dest]:
+            flag = "--" + dest.replace("_", "-")
+            raise SlimkitError(f"cannot resume {args.resume}: it was run with {flag} {saved[dest]!r}, now "
+                               f"{now.get(dest)!r}; resume without {flag} or choose a new --out")
+    for dest, value in saved.items():
+        if dest not in given and not (dest == "teachers" and args.teachers):  # teachers may be named anew
+            setattr(args, dest, value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from slimkit.errors import SlimkitError
 
     try:
+        if args.verb in RUN_VERBS:
+            from slimkit.training.rundir import INVOCATION
+
+            verb_parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.verb]
+            if args.resume is not None:
+                _resume_flags(verb_parser, args, argv)
+            token = INVOCATION.set(_invocation(args))
+            try:
+                return args.func(args)
+            finally:
+                INVOCATION.reset(token)
         return args.func(args)
     except SlimkitError as exc:
         sys.stderr.write(f"slimkit {args.verb}: error: {exc}\n")
@@ -490,3 +551,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # not the user's mistake: say so, exit 1, traceback on request
+        return _internal_error(args, exc)
+
+
+def _internal_error(args: argparse.Namespace, exc: Exception) -> int:
+    import os
+    import traceback
+
+    from slimkit.errors import one_line
+
+    if args.debug or os.environ.get("SLIMKIT_DEBUG") == "1":
+        traceback.print_exc()
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        sys.stderr.write(f"slimkit {args.verb}: out of memory: {one_line(exc, 200)}; try a smaller --batch-size "
+                         "or input\n")
+        return 1
+    hint = "" if args.debug else "; rerun with --debug (or SLIMKIT_DEBUG=1) for the traceback"
+    sys.stderr.write(f"slimkit {args.verb}: internal error ({type(exc).__name__}: {one_line(exc, 200)}): this is a "
+                     f"slimkit bug, please report it{hint}\n")
+    return 1

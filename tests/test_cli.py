@@ -234,3 +234,34 @@ def test_models_verb_lists_the_registry(cli):
     assert r.code == 0
     for name in ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn", "mobilenet_v2", "densenet121", "cifar_resnet"):
         assert name in r.out
+
+
+class _Broken(torch.nn.Module):
+    """A network whose forward fails the way a slimkit bug would surface: an unexpected exception deep inside."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, num_classes)
+
+    def forward(self, x):  # traces fine (one example); fails on the verification batch
+        if x.shape[0] > 1:
+            raise RuntimeError("unexpected tensor layout in layer fc")
+        return self.fc(x)
+
+
+def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, monkeypatch):
+    from slimkit.models import register_model, list_models
+
+    if "broken_for_tests" not in list_models():
+        register_model("broken_for_tests", input_shape=(4,))(_Broken)
+    path = save(create_model("broken_for_tests"), tmp_path / "b.pt")
+    r = cli("extract", path, "--split-rate", "0.5")
+    assert r.code == 1 and r.err.count("\n") == 1, r.err
+    assert "slimkit bug" in r.err and "unexpected tensor layout" in r.err and "--debug" in r.err
+    assert "Traceback" not in r.err and not (tmp_path / "b.slim.pt").exists()
+    r = cli("--debug", "extract", path, "--split-rate", "0.5")
+    assert r.code == 1 and "Traceback" in r.err and "slimkit bug" in r.err
+    monkeypatch.setenv("SLIMKIT_DEBUG", "1")
+    assert "Traceback" in cli("extract", path, "--split-rate", "0.5").err
+    r = cli("extract", tmp_path / "missing.pt", "--split-rate", "0.5")  # the user's mistake stays exit 2
+    assert r.code == 2 and "slimkit bug" not in r.err

@@ -17,6 +17,7 @@ Only rank 0 writes; every rank reads the state it resumes from.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from slimkit.errors import SlimkitError, one_line
 from slimkit.fileio import atomic_write
 
-__all__ = ["RunDir", "SimulatedCrash", "crash_at", "STATE_FORMAT"]
+__all__ = ["RunDir", "SimulatedCrash", "crash_at", "STATE_FORMAT", "INVOCATION", "saved_invocation"]
 
 STATE_FORMAT = 1  # version of state.pt's layout; a newer one is refused
 
@@ -57,6 +58,10 @@ class _Crash:
 
 
 _CRASH = _Crash()
+
+# The command line that started a run (the verb's flags), recorded in config.json under "cli" so that
+# `--resume DIR` needs no flags retyped. Set by the CLI around a verb; library calls leave it unset.
+INVOCATION: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("invocation", default=None)
 
 
 @contextlib.contextmanager
@@ -168,7 +173,9 @@ class RunDir:
             self.write_text("metrics.jsonl", "".join(line + "\n" for line in kept))
         else:
             self.out.mkdir(exist_ok=True)
-            self.write_text("config.json", json.dumps(self.config, indent=2) + "\n")
+            cli = INVOCATION.get()
+            config = {**self.config, "cli": cli} if cli is not None else self.config
+            self.write_text("config.json", json.dumps(config, indent=2) + "\n")
         return self
 
     def log(self, record: dict[str, Any]) -> None:
@@ -229,3 +236,12 @@ class RunDir:
         atomic_write(path, writer, force=True)
         _CRASH.boundary(name)
         return path
+
+
+def saved_invocation(out: str | os.PathLike) -> dict[str, Any] | None:
+    """The flags recorded in ``out``/config.json by the command that started the run (None if none)."""
+    try:
+        saved = json.loads((Path(out) / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # no run or a damaged one: RunDir.check says so in its own words
+    return saved.get("cli") if isinstance(saved, dict) and isinstance(saved.get("cli"), dict) else None

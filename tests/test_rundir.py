@@ -187,3 +187,31 @@ def test_a_damaged_run_directory_is_refused_and_left_alone(damage, msg, cli, tmp
             "--epochs", "4", "--batch-size", "16", "--device", "cpu")
     assert r.code == 2 and r.err.count("\n") == 1 and msg in r.err, r.err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_resume_takes_the_recorded_flags_and_refuses_contradictions(cli, tmp_path):
+    out = tmp_path / "r"
+    argv = ["--arch", "mlp", "--generations", "2", "--epochs", "2", "--image-size", "8", "--train-per-class", "3",
+            "--batch-size", "16", "--lr", "0.02", "--device", "cpu"]
+    with pytest.raises(SimulatedCrash), crash_at(1 + 2 * 2):  # stopped after generation 1's first two epochs
+        cli("evolve", *argv, "--out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = cli("evolve", "--resume", out, "--lr", "0.05")  # the run used 0.02
+    assert r.code == 2 and r.err.count("\n") == 1 and "--lr 0.02" in r.err and "0.05" in r.err, r.err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    r = cli("evolve", "--resume", out, "--lr", "0.02")  # agreeing flags are fine; the rest come from config.json
+    assert r.code == 0, r.err
+    evolve(EvolveConfig(arch="mlp", generations=2, image_size=8, train_per_class=3,
+                        train=TrainConfig(epochs=2, batch_size=16, lr=0.02)), tmp_path / "full", **QUIET)
+    _same(_outcome(out, "gen2/last.pt"), _outcome(tmp_path / "full", "gen2/last.pt"), "resume from config.json")
+
+
+def test_merge_resume_remembers_its_teachers(cli, teachers, tmp_path):
+    out = tmp_path / "m"
+    flags = ["--train-per-class", "3", "--gate-epochs", "1", "--finetune-epochs", "1", "--batch-size", "16",
+             "--device", "cpu"]
+    with pytest.raises(SimulatedCrash), crash_at(3):  # config, teachers' record, big.pt
+        cli("merge", *teachers, *flags, "--out", out)
+    r = cli("merge", "--resume", out)
+    assert r.code == 0, r.err
+    assert (out / "last.pt").is_file()
