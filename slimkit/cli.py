@@ -105,7 +105,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     shape = parse_input_shape(args.input_shape) if args.input_shape else None
     for out in (args.json, args.plot):  # refuse before spending minutes timing
         if out:
-            check_output(out, args.force)
+            check_output(out, args.force, inputs=tuple(args.models))
     source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
     runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source)
                for m in args.models]

@@ -102,7 +102,8 @@ def unaligned_widths(dense, slim, block: int = 8) -> tuple[list[int], int]:
 
 
 def default_compare_dir(ckpt: Path) -> Path:
-    return ckpt.with_name(ckpt.name.split(".")[0] + ".compare")
+    """``a.v1.pt`` -> ``a.v1.compare`` beside it (only the last suffix goes: a.v2.pt gets its own)."""
+    return ckpt.with_suffix(".compare") if ckpt.suffix else ckpt.with_name(ckpt.name + ".compare")
 
 
 def compare(

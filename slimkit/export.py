@@ -210,7 +210,7 @@ def export_onnx(
     t0 = time.perf_counter()
     fp16 = fp16 or fp16_io
     _check_opset(opset)
-    out = check_output(out, force)
+    out = check_output(out, force, inputs=(ckpt,))
     src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
     model, spec = src.model, spec_of(src.model)
     shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)

@@ -184,9 +184,7 @@ def extract(
     out = Path(out) if out is not None else default_output(ckpt)
     if not ckpt.exists():
         raise SlimkitError(f"no such file: {ckpt}")
-    if out.resolve() == ckpt.resolve():
-        raise SlimkitError(f"output {out} is the input checkpoint; choose another path with -o")
-    check_output(out, force)
+    check_output(out, force, inputs=(ckpt,))
 
     src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)

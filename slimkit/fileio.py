@@ -12,9 +12,13 @@ from slimkit.errors import SlimkitError
 __all__ = ["check_output", "atomic_write", "sha256_of"]
 
 
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse early (before any work) an output that exists without ``force`` or cannot be written."""
+def check_output(path: str | os.PathLike, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse early (before any work) an output that exists without ``force``, cannot be written, or is
+    one of the command's ``inputs`` (even with ``force``: nothing of the user's is overwritten)."""
     path = Path(path)
+    for src in inputs:
+        if path.resolve() == Path(src).resolve():
+            raise SlimkitError(f"output {path} is the input {src}; choose another output path")
     if path.is_dir():
         raise SlimkitError(f"output {path} is a directory; give a file path")
     if path.exists() and not force:

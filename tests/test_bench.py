@@ -118,3 +118,10 @@ def test_torch_runner_half_and_channels_last(files):
     assert r.engine == "torch" and r.precision == "fp16" and r.provider == "torch-cpu"
     res = bench([r], [2], warmup=1, runs=2)
     assert res[0].p50_ms > 0 and res[0].precision == "fp16"
+
+
+def test_bench_outputs_never_overwrite_a_benched_model(cli, files):
+    model = files / "a.onnx"
+    before = model.read_bytes()
+    r = cli("bench", model, "--json", model, "--force", "--runs", "1", "--warmup", "1")
+    assert r.code == 2 and "is the input" in r.err and model.read_bytes() == before, r.err

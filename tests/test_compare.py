@@ -127,3 +127,11 @@ def test_compare_profile_explains_unaligned_widths(cli, tmp_path):
         pytest.skip("this CPU's ONNX Runtime runs no conv in its blocked NCHWc layout")
     assert kinds["conv, plain NCHW"]["dense_ms"] == 0  # 16/32/64: every dense conv blocked
     assert kinds["conv, plain NCHW"]["slim_ms"] > 0  # 13/26/52: some slim convs are not
+
+
+def test_default_compare_dirs_of_two_versions_differ(tmp_path):
+    from slimkit.compare import default_compare_dir
+
+    a, b = default_compare_dir(tmp_path / "a.v1.pt"), default_compare_dir(tmp_path / "a.v2.pt")
+    assert (a.name, b.name) == ("a.v1.compare", "a.v2.compare")
+    assert default_compare_dir(tmp_path / "net").name == "net.compare"

@@ -107,3 +107,10 @@ def test_export_not_a_model_and_existing_output(cli, small_ckpt, tmp_path):
     assert r.code == 2 and "already exists" in r.err and (tmp_path / "o.onnx").read_bytes() == b"mine"
     r = cli("export", small_ckpt, "-o", tmp_path / "o.onnx", "--force")
     assert r.code == 0 and "verified in ONNX Runtime" in r.out
+
+
+def test_export_never_overwrites_its_input(cli, small_ckpt, tmp_path):
+    before = small_ckpt.read_bytes()
+    r = cli("export", small_ckpt, "-o", small_ckpt, "--force")
+    assert r.code == 2 and r.err.count("\n") == 1 and "is the input" in r.err, r.err
+    assert small_ckpt.read_bytes() == before
