@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -30,19 +31,31 @@ def test_interleaves_models_and_reports_consistent_statistics():
     def fake(name, delay):
         def run():
             calls.append(name)
+            time.sleep(delay)
         return Runner(name, "fake", "none", "cpu", "fp32", (3, 8, 8), lambda b: None, run)
 
-    res = bench([fake("A", 0), fake("B", 0)], batches=[4], warmup=2, runs=5, block=2, settle=0)
+    res = bench([fake("A", 0.001), fake("B", 0.02)], batches=[4], warmup=2, runs=5, block=2, settle=0)
     assert calls[:4] == ["A", "A", "B", "B"]  # warm-up
     # blocks of 2 timed runs, each after one untimed run, in order A B, B A, A B
     assert calls[4:] == ["A"] * 3 + ["B"] * 3 + ["B"] * 3 + ["A"] * 3 + ["A"] * 2 + ["B"] * 2
+    a, b = res
+    assert b.p50_ms >= 20 and a.p50_ms >= 1 and a.p50_ms < b.p50_ms  # a sleep never returns early
+    assert a.runs == 5 and a.batch == 4
     calls.clear()
     bench([fake("A", 0)], batches=[4], warmup=1, runs=3, block=2)
     assert calls == ["A"] * 4  # one model: no untimed runs between timed ones
-    for r in res:
-        assert r.p50_ms <= r.p90_ms <= r.p99_ms
-        assert r.throughput == pytest.approx(4 / (r.p50_ms / 1e3))
-        assert r.runs == 5 and r.batch == 4
+
+
+def test_percentiles_match_numpy():
+    import numpy as np
+
+    from slimkit.bench import _pct
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 50):
+        ms = sorted(rng.exponential(5.0, n).tolist())
+        for q in (0.5, 0.9, 0.99):
+            assert _pct(ms, q) == pytest.approx(float(np.percentile(ms, 100 * q)), rel=1e-12)
 
 
 def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
