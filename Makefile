@@ -5,16 +5,16 @@ BIN    := $(VENV)/bin
 DEMO   := models/digits_resnet20.pt
 DEMO_KE := models/digits_resnet20_ke.pt
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast test-compat clean
 
 venv: $(VENV)/.installed
 
-# Re-installs only when pyproject.toml changes. torch/torchvision are pinned in pyproject.toml so
-# they come from local disk on the project's machines.
-$(VENV)/.installed: pyproject.toml
+# Re-installs only when pyproject.toml or the pins change. tools/constraints.txt pins torch and
+# torchvision to the versions on the project's machines' local disk; pyproject.toml has ranges.
+$(VENV)/.installed: pyproject.toml tools/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c tools/constraints.txt -e '.[test]'
 	touch $@
 
 demo: venv
@@ -36,5 +36,16 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Another supported torch: a fresh venv with torch 2.13.0 (CPU build, on local disk here) installed
+# first, then `pip install .`, which must keep it; then the fast tests. About 6 minutes.
+COMPAT := .venv-compat
+test-compat:
+	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install --quiet --upgrade pip
+	$(COMPAT)/bin/pip install --quiet 'torch==2.13.0+cpu' 'torchvision==0.28.0'
+	$(COMPAT)/bin/pip install --quiet '.[test]'
+	$(COMPAT)/bin/python -c "import torch; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('kept torch', torch.__version__)"
+	cd tests && ../$(COMPAT)/bin/python -m pytest -q -m "not slow" -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(COMPAT) .demo .pytest_cache
