@@ -24,9 +24,9 @@ from torch import nn
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
-from slimkit.training.runs import (StopAfter, barrier, check_run_dir, datasets, ddp, load_state, log_record,
-                                   num_classes_of, process_group, read_records, resolve_device, run_epochs, save_state,
-                                   shift_augment, start_run_dir)
+from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
+from slimkit.training.runs import (StopAfter, check_run_dir, datasets, load_state, log_record, num_classes_of,
+                                   read_records, run_epochs, save_state, shift_augment, start_run_dir)
 
 __all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
 
@@ -100,10 +100,10 @@ def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume:
           echo: Callable[[str], None] = print, device: str = "cpu",
           _stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Run (or resume) a merge; returns the summary record (accuracies and parameter counts)."""
-    with process_group() as (rank, world):
+    device = resolve_device(device)  # before the group: the chosen device picks its backend
+    with process_group(device) as (rank, world):
         return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world,
-                      resolve_device(device))
+                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world, device)
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
