@@ -122,3 +122,24 @@ def test_evaluation_moves_each_batch_to_the_model_and_predictions_back(fake):
         assert pred.device.type == "cpu" and pred.shape == y.shape
         seen += len(y)
     assert seen == 5
+
+
+def test_a_network_on_the_gpu_is_traced_on_the_gpu(fake):
+    # surgery, merging and DEN trace the network they are given: the example input must follow it
+    model = on_cuda("cifar_resnet", **SHAPE)
+    graph = ChannelGraph(model, model.slimkit_spec.input_shape)
+    assert kels_plan(graph, 0.5).keep  # the coupling was traced
+
+
+def test_gated_student_on_the_gpu_gates_on_the_gpu(fake):
+    from slimkit.merge import GatedStudent
+
+    net = on_cuda("cifar_resnet", **SHAPE)
+    gated = GatedStudent(net)
+    assert {p.device for p in gated.parameters()} == {CUDA}
+    x = torch.zeros(2, 1, 16, 16).to(CUDA)
+    gated.train()
+    assert gated(x).device == CUDA  # sampled gates
+    gated.eval()
+    assert gated(x).device == CUDA  # deterministic gates
+    assert gated.penalty().device == CUDA  # (gate_plan reads log alpha's values: not rehearsable)

@@ -67,15 +67,18 @@ class MergeConfig:
 
 
 @torch.inference_mode()
-def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the mean of the models' logits."""
+def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256, device: str = "cpu") -> float:
+    """Top-1 accuracy of the mean of the models' logits (the models already on ``device``)."""
     from torch.utils.data import DataLoader
+
+    from slimkit.evaluate import device_layout
 
     for m in models:
         m.eval()
     correct = total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = sum(m(x) for m in models) / len(models)
+        x = device_layout(x.to(device), device)
+        logits = (sum(m(x) for m in models) / len(models)).cpu()
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -133,8 +136,11 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     metrics = out / "metrics.jsonl"
 
     if not resume and main:
-        rec = {"kind": "teachers", "teacher_a": accuracy(ta, test), "teacher_b": accuracy(tb, test),
-               "ensemble": ensemble_accuracy([ta, tb], test), "big_student": accuracy(big, test),
+        for m in (ta, tb, big):
+            prepare_model(m, device)  # evaluated on the chosen device
+        rec = {"kind": "teachers", "teacher_a": accuracy(ta, test, device=device),
+               "teacher_b": accuracy(tb, test, device=device),
+               "ensemble": ensemble_accuracy([ta, tb], test, device=device), "big_student": accuracy(big, test, device=device),
                "teacher_params": _params(ta), "big_params": _params(big),
                "teacher_paths": [str(p) for p in paths]}
         log_record(metrics, rec)
@@ -186,7 +192,8 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         gated.to("cpu", memory_format=torch.contiguous_format)  # surgery traces on the CPU
         student, plan = compress(gated, ta)
         if main:
-            rec = {"kind": "compressed", "gated": accuracy(gated, test), "compressed": accuracy(student, test),
+            rec = {"kind": "compressed", "gated": accuracy(prepare_model(gated, device), test, device=device),
+                   "compressed": accuracy(prepare_model(student, device), test, device=device),
                    "params": _params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
             log_record(metrics, rec)
             save(student, out / "compressed.pt", force=True, merge_plan=plan.to_json(),
