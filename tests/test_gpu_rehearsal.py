@@ -143,3 +143,12 @@ def test_gated_student_on_the_gpu_gates_on_the_gpu(fake):
     gated.eval()
     assert gated(x).device == CUDA  # deterministic gates
     assert gated.penalty().device == CUDA  # (gate_plan reads log alpha's values: not rehearsable)
+
+
+def test_export_runs_a_library_callers_gpu_model_on_its_own_device(fake):
+    # defect 10: export's verification input was a CPU tensor whatever the model's device
+    from slimkit.export import reference_output
+
+    model = on_cuda("cifar_resnet", **SHAPE)
+    out = reference_output(model, torch.zeros(2, 1, 16, 16))
+    assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (2, 10)
