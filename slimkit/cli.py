@@ -103,7 +103,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if out:
             check_output(out, args.force)
     source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
-    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source)
+    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source, batches)
                for m in args.models]
     results = bench(runners, batches, warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(results))
