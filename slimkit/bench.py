@@ -147,6 +147,20 @@ def provider_options(provider: str, batches: Sequence[int], precision: str, inpu
     return out
 
 
+def _preload_tensorrt() -> None:
+    """Load TensorRT's libraries from the ``tensorrt-cu13-libs`` wheel (slimkit[tensorrt]), which installs
+    them inside its package where ORT's provider library cannot find them. Untested: no GPU here."""
+    import ctypes
+
+    try:
+        import tensorrt_libs
+    except ImportError:
+        return  # ORT's load error says what is missing
+    where = Path(tensorrt_libs.__file__).parent
+    for lib in sorted(where.glob("libnvinfer.so.*")) + sorted(where.glob("libnvonnxparser.so.*")):
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+
+
 def _session(path: Path, opts, providers: list[str], options: list[dict[str, Any]]):
     """An ORT session and, when a provider could not start, ORT's reason (its fallback prints it to stdout)."""
     import contextlib
@@ -208,6 +222,8 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
         cache_dir.mkdir(parents=True, exist_ok=True)
     options = provider_options(provider, batches, precision, inp.name, input_shape, cache_dir,
                                torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if provider == "tensorrt":
+        _preload_tensorrt()
     try:
         sess, reason = _session(path, opts, wanted, options)
     except Exception as exc:
