@@ -152,3 +152,27 @@ def test_export_runs_a_library_callers_gpu_model_on_its_own_device(fake):
     model = on_cuda("cifar_resnet", **SHAPE)
     out = reference_output(model, torch.zeros(2, 1, 16, 16))
     assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (2, 10)
+
+
+def test_den_steps_on_the_gpu(fake):
+    # slimkit den --device cuda: heads, growth, masks, unit removal and duplication on the network's
+    # device. (fit needs backward passes; select_units, dead_units and drift read values back.)
+    from slimkit import den as D
+
+    net = on_cuda("den_mlp", hidden=(6, 5), heads=(), image_size=4, in_chans=1)
+    gen = torch.Generator().manual_seed(0)  # on the CPU, as run_den holds it
+    D.add_head(net, 2, gen)
+    D.add_head(net, 3, gen)
+    D.grow(net, 2, task=2, generator=gen)
+    assert D.widths(net) == [8, 7] and {p.device for p in net.parameters()} == {CUDA}
+    for masks in (D.selected_masks(net, [[0, 1], [2]], task=2), D.new_unit_masks(net, task=2)):
+        for name, m in masks.items():
+            assert m is None or m.device == CUDA, name
+    D.remove_units(net, [[6], []])  # traced and cut on the GPU
+    assert D.widths(net) == [7, 7] and {b.device for b in net.buffers()} == {CUDA}
+    x = torch.zeros(3, 1, 4, 4).to(CUDA)
+    assert net(x, 1).shape == (3, 2) and net(x, 2).shape == (3, 3)  # timestamped inference
+    snap = D.snapshot(net)
+    D.add_head(net, 2, gen)
+    D.grow(net, 1, task=3, generator=gen)
+    assert net(x, 3).shape == (3, 2) and D.drift(net, snap)[0].device == CUDA
