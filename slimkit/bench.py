@@ -220,8 +220,8 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
     if cache_dir is None and provider == "tensorrt":
         cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimkit" / "tensorrt"
         cache_dir.mkdir(parents=True, exist_ok=True)
-    options = provider_options(provider, batches, precision, inp.name, input_shape, cache_dir,
-                               torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    gpu = torch.cuda.current_device() if provider != "cpu" and torch.cuda.is_available() else 0
+    options = provider_options(provider, batches, precision, inp.name, input_shape, cache_dir, gpu)
     if provider == "tensorrt":
         _preload_tensorrt()
     try:

@@ -11,7 +11,9 @@ What the rehearsal cannot show: numbers (fake tensors hold none), anything that 
 (``int(...)`` of a fake tensor raises), backward passes (autograd asks for a real CUDA context), and
 ``copy.deepcopy`` of a fake model: torch 2.14 reads the fake tensors' data pointers there, and the
 suite then crashed with a segfault now and then, so paths that deep-copy a model (surgery's
-apply_plan, merge's compress) are rehearsed up to the copy only.
+apply_plan, merge's compress) are rehearsed up to the copy only. ``Module.to`` of a fake model is
+refused by torch 2.14 (it swaps parameters, and fake tensors carry weak references), so models are
+built on the fake GPU rather than moved there by ``prepare_model``.
 """
 from __future__ import annotations
 
