@@ -107,7 +107,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         if out:
             check_output(out, args.force, inputs=tuple(args.models))
     source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
-    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source)
+    runners = [make_runner(m, args.provider, args.threads, shape, args.torch_fp16, args.channels_last, source, batches)
                for m in args.models]
     results = bench(runners, batches, warmup=args.warmup, runs=args.runs, threads=args.threads)
     print(format_table(results))
@@ -218,7 +218,7 @@ def _cmd_den(args: argparse.Namespace) -> int:
                     group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
                     seed=args.seed)
     out = _run_dir("den", args)
-    run_den(cfg, out, progress=sys.stderr.isatty(), resume=args.resume is not None)
+    run_den(cfg, out, progress=sys.stderr.isatty(), resume=args.resume is not None, device=args.device)
     print(f"wrote {out}/summary.md, den.png, results.json, metrics.jsonl and task*.pt")
     return 0
 
@@ -469,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda")
     d.add_argument("--out", help="new run directory (must be empty or absent)")
     d.add_argument("--resume", help="continue the run in this directory after its last finished task or baseline "
                    "(same settings)")

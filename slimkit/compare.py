@@ -166,7 +166,7 @@ def compare(
         if provider == "torch":
             runners = [torch_runner(fh.dense, "dense", "cpu", threads), torch_runner(fh.slim, "slim", "cpu", threads)]
         else:
-            runners = [onnx_runner(Path(tmp) / f"{n}.onnx", provider, threads, None) for n in ("dense", "slim")]
+            runners = [onnx_runner(Path(tmp) / f"{n}.onnx", provider, threads, None, batches) for n in ("dense", "slim")]
             for r, n in zip(runners, ("dense", "slim")):
                 r.name = n
         for r in runners:

@@ -45,10 +45,11 @@ def _in(layer: nn.Module) -> int:
 
 
 def _blank_like(layer: nn.Module, n_in: int, n_out: int) -> nn.Module:
-    """A layer of ``layer``'s kind (Linear, or Conv2d with the same geometry) with new widths."""
+    """A layer of ``layer``'s kind (Linear, or Conv2d with the same geometry) with new widths, on its device."""
+    where = dict(device=layer.weight.device, dtype=layer.weight.dtype)
     if isinstance(layer, nn.Conv2d):
-        return nn.Conv2d(n_in, n_out, layer.kernel_size, layer.stride, layer.padding, bias=True)
-    return nn.Linear(n_in, n_out)
+        return nn.Conv2d(n_in, n_out, layer.kernel_size, layer.stride, layer.padding, bias=True, **where)
+    return nn.Linear(n_in, n_out, **where)
 
 
 def _conn(w: torch.Tensor) -> torch.Tensor:
@@ -86,7 +87,8 @@ def refresh_spec(net: DENNet) -> DENNet:
 
 def add_head(net: DENNet, n_out: int, generator: torch.Generator | None = None) -> int:
     """A new output head for the next task; returns its task number (1-based)."""
-    head = nn.Linear(_out(net.hidden[-1]), n_out)
+    last = net.hidden[-1].weight
+    head = nn.Linear(_out(net.hidden[-1]), n_out, device=last.device, dtype=last.dtype)
     if generator is not None:
         _default_init(head, generator)
     net.heads.append(head)
@@ -96,12 +98,13 @@ def add_head(net: DENNet, n_out: int, generator: torch.Generator | None = None) 
 
 def _default_init(layer: nn.Module, generator: torch.Generator, rows: slice | None = None) -> None:
     """PyTorch's default Linear/Conv2d init (kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), seeded."""
-    with torch.no_grad():
-        w = torch.empty_like(layer.weight)
+    with torch.no_grad():  # drawn on the CPU (the generator's device): the same draw on every device
+        w = torch.empty(layer.weight.shape, dtype=layer.weight.dtype)
         nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
         fan_in = w[0].numel()
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-        b = torch.empty_like(layer.bias).uniform_(-bound, bound, generator=generator)
+        b = torch.empty(layer.bias.shape, dtype=layer.bias.dtype).uniform_(-bound, bound, generator=generator)
+        w, b = w.to(layer.weight.device), b.to(layer.bias.device)
         if rows is None:
             layer.weight.copy_(w)
             layer.bias.copy_(b)
@@ -132,11 +135,12 @@ def selected_masks(net: DENNet, selected: list[list[int]], task: int) -> dict[st
     for the first layer), their biases, and the whole head ``task``."""
     masks: dict[str, torch.Tensor | None] = {}
     for i, layer in enumerate(net.hidden):
-        rows = torch.zeros(_out(layer), dtype=torch.bool)
+        dev = layer.weight.device
+        rows = torch.zeros(_out(layer), dtype=torch.bool, device=dev)
         rows[selected[i]] = True
-        cols = torch.ones(_in(layer), dtype=torch.bool)
+        cols = torch.ones(_in(layer), dtype=torch.bool, device=dev)
         if i > 0:
-            cols = torch.zeros(_in(layer), dtype=torch.bool)
+            cols = torch.zeros(_in(layer), dtype=torch.bool, device=dev)
             cols[selected[i - 1]] = True
         masks[f"hidden.{i}.weight"] = _to_weight(rows[:, None] & cols[None, :], layer.weight)
         masks[f"hidden.{i}.bias"] = rows
@@ -193,12 +197,12 @@ def grow(net: DENNet, k: int, task: int, generator: torch.Generator) -> list[lis
         new.bias[_out(old):] = fresh.bias[_out(old):]
         net.hidden[i] = new
         stamp = getattr(net, f"stamp{i}")
-        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((k,), task, dtype=torch.long)]))
+        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((k,), task, dtype=torch.long, device=stamp.device)]))
         added.append(list(range(_out(old), _out(new))))
     for j, head in enumerate(net.heads):
         new = _widen_layer(head, 0, k)
         if j == task - 1:
-            fresh = nn.Linear(new.in_features, new.out_features)
+            fresh = _blank_like(new, new.in_features, new.out_features)
             _default_init(fresh, generator)
             new.weight[:, head.in_features:] = fresh.weight[:, head.in_features:]
         net.heads[j] = new
@@ -307,7 +311,7 @@ def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, tas
         new.bias[units] = b0[units]
         net.hidden[i] = new
         stamp = getattr(net, f"stamp{i}")
-        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((n_add,), task, dtype=torch.long)]))
+        setattr(net, f"stamp{i}", torch.cat([stamp, torch.full((n_add,), task, dtype=torch.long, device=stamp.device)]))
         # the layer above reads the copies through the same weights it used for the originals
         if i + 1 < len(net.hidden):
             nxt = net.hidden[i + 1]
@@ -352,6 +356,7 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
         p.requires_grad_(True)
     opt = torch.optim.SGD(list(train.values()), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
+    dev = next(net.parameters()).device  # batches go where the network is
     hidden_w = [n for n in train if n.startswith("hidden.") and n.endswith(".weight")]
     hidden_all = [n for n in train if n.startswith("hidden.")]
     l1_names = [n for n in train if n.endswith(".weight")]  # L1 reaches the heads too (a sparse head selects)
@@ -361,6 +366,7 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
         for _ in range(epochs):
             total = seen = 0
             for x, y in DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen):
+                x, y = x.to(dev), y.to(dev)
                 loss = F.cross_entropy(net(x, task), y)
                 reg = loss
                 for n in hidden_w if pen.l2 else ():
@@ -416,8 +422,9 @@ def fit(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor 
 @torch.no_grad()
 def task_loss(net: DENNet, task: int, data: Dataset) -> float:
     net.eval()
+    dev = next(net.parameters()).device
     total = seen = 0
     for x, y in DataLoader(data, batch_size=512):
-        total += float(F.cross_entropy(net(x, task), y, reduction="sum"))
+        total += float(F.cross_entropy(net(x.to(dev), task), y.to(dev), reduction="sum"))
         seen += len(y)
     return total / max(seen, 1)

@@ -1,6 +1,8 @@
 """Accuracy of a network on a dataset (eval mode, no gradients)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -14,16 +16,22 @@ def device_layout(x: torch.Tensor, device: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu") -> float:
-    """Top-1 accuracy in [0, 1]."""
+def predictions(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                device: str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(predicted class, label) per batch, both on the CPU; each batch runs on ``device`` in eval mode."""
     was_training = model.training
     model.eval()
-    correct = total = 0
     try:
         for x, y in DataLoader(dataset, batch_size=batch_size):
-            pred = model(device_layout(x.to(device), device)).argmax(1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
+            yield model(device_layout(x.to(device), device)).argmax(1).cpu(), y
     finally:
         model.train(was_training)
+
+
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu") -> float:
+    """Top-1 accuracy in [0, 1]."""
+    correct = total = 0
+    for pred, y in predictions(model, dataset, batch_size, device):
+        correct += int((pred == y).sum())
+        total += len(y)
     return correct / max(total, 1)

@@ -54,6 +54,11 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _PRUNABLE)}
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -77,9 +82,8 @@ class ChannelGraph:
         model.eval()  # tracing runs a forward: never let it move BN running statistics
         try:  # torch-pruning traces through autograd, so it must run even under a caller's no_grad
             with torch.inference_mode(False), torch.enable_grad():
-                self.dg = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=torch.zeros(1, *self.input_shape), verbose=False
-                )
+                x = torch.zeros(1, *self.input_shape, device=_device_of(model))  # traced where the model lives
+                self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
         except Exception as exc:  # tracing failures come from the user's model or input shape
             raise SlimkitError(
                 f"cannot trace the network at input shape {list(self.input_shape)}: {one_line(exc)}"

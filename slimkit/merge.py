@@ -197,7 +197,8 @@ class GatedStudent(nn.Module):
         self.net = net
         graph = graph if graph is not None else ChannelGraph(net, spec_of(net).input_shape)
         self.groups: list[CoupledGroup] = [g for g in graph.groups if not g.is_output]
-        self.log_alpha = nn.ParameterList([nn.Parameter(torch.full((g.size,), float(log_alpha_init)))
+        device = next(net.parameters()).device  # gates live with the network they gate
+        self.log_alpha = nn.ParameterList([nn.Parameter(torch.full((g.size,), float(log_alpha_init), device=device))
                                            for g in self.groups])
         self.targets: list[list[tuple[str, torch.Tensor]]] = []  # per group: (module gated, local->root index)
         names = {m: n for n, m in net.named_modules()}
@@ -208,6 +209,7 @@ class GatedStudent(nn.Module):
                 where = _norm_after(graph, modules[p.name], names) or p.name
                 index = torch.empty(len(p.local), dtype=torch.long)
                 index[list(p.local)] = torch.tensor(p.root, dtype=torch.long)
+                index = index.to(device)
                 targets.append((where, index))
             self.targets.append(targets)
         self._z: list[torch.Tensor] | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from typing import Any, Callable
 
 import torch
@@ -273,7 +274,7 @@ class DENNet(nn.Module):
             size = size // 2 if size >= 2 else size
             cin = ch
         if not channels:
-            cin = int(torch.tensor(input_shape).prod())
+            cin = math.prod(input_shape)  # plain arithmetic: no tensor on the default device
         for h in hidden:
             self.hidden.append(nn.Linear(cin, h))
             cin = h

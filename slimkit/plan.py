@@ -144,7 +144,7 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
 
 
 def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
-    """Weight-shaped boolean masks of what ``plan`` keeps (for KELS: the fit hypothesis).
+    """Weight-shaped boolean masks of what ``plan`` keeps (for KELS: the fit hypothesis), on the weights' device.
 
     A weight survives when its output channel is kept and the channel it reads is kept by its
     producer. Applying these masks to the dense network gives the network surgery must equal.
@@ -170,8 +170,8 @@ def wels_masks(model: nn.Module, split_rate: float, seed: int = 0) -> dict[str, 
     for name, m in prunable_layers(model).items():
         n = m.weight.numel()
         flat = torch.zeros(n, dtype=torch.bool)
-        flat[torch.randperm(n, generator=gen)[: round(sr * n)]] = True
-        masks[name] = flat.view_as(m.weight)
+        flat[torch.randperm(n, generator=gen)[: round(sr * n)]] = True  # drawn on the CPU: one draw on every device
+        masks[name] = flat.view_as(m.weight).to(m.weight.device)
     return masks
 
 
@@ -207,8 +207,12 @@ def plan_from_masks(graph: ChannelGraph, masks: Mapping[str, torch.Tensor], orig
 
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Zero, in place, every conv/linear weight outside ``masks`` (the reset hypothesis)."""
+    """Zero, in place, every conv/linear weight outside ``masks`` (the reset hypothesis).
+
+    Masks may live on any device (evolve builds them once on the CPU): each follows its weight.
+    """
     layers = prunable_layers(model)
     for name, mask in masks.items():
-        layers[name].weight.mul_(mask.to(layers[name].weight.dtype))
+        w = layers[name].weight
+        w.mul_(mask.to(device=w.device, dtype=w.dtype))
     return model

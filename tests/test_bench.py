@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimkit import create_model, save
-from slimkit.bench import Runner, bench, make_runner
+from slimkit.bench import MemoryCounter, Runner, bench, make_runner
 from slimkit.export import export_onnx
 
 
@@ -138,3 +138,62 @@ def test_bench_outputs_never_overwrite_a_benched_model(cli, files):
     before = model.read_bytes()
     r = cli("bench", model, "--json", model, "--force", "--runs", "1", "--warmup", "1")
     assert r.code == 2 and "is the input" in r.err and model.read_bytes() == before, r.err
+class _Allocator(MemoryCounter):
+    """A stand-in for a GPU allocator: runs allocate and free; the counter keeps the peak since reset."""
+
+    def __init__(self):
+        self.current = self.peak = 0
+
+    def reset(self) -> None:
+        self.peak = self.current
+
+    def read(self) -> int:
+        return self.peak
+
+    def forward(self, transient: int) -> None:
+        self.peak = max(self.peak, self.current + transient)
+
+
+def test_peak_memory_is_each_models_own_not_the_process_peak():
+    # two models timed interleaved in one process: a small one (forward needs 100 bytes) and a big
+    # one (10_000); each reports its own peak, though the big one ran between the small one's runs
+    alloc = _Allocator()
+
+    def model(name, transient):
+        return Runner(name, "fake", "none", "gpu", "fp32", (3, 8, 8), lambda b: None,
+                      lambda: alloc.forward(transient), memory=alloc)
+
+    res = bench([model("small", 100), model("big", 10_000)], batches=[1, 4], warmup=1, runs=4, block=2, settle=0)
+    assert {(r.model, r.batch): r.peak_memory_bytes for r in res} == {
+        ("small", 1): 100, ("big", 1): 10_000, ("small", 4): 100, ("big", 4): 10_000}
+
+
+def test_provider_options_follow_the_batches_and_the_precision(tmp_path):
+    from slimkit.bench import provider_options
+
+    trt, cuda, cpu = provider_options("tensorrt", [32, 1, 128], "fp16", "input", (3, 224, 224), tmp_path, device_id=1)
+    assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1
+    assert trt["trt_profile_min_shapes"] == "input:1x3x224x224"
+    assert trt["trt_profile_opt_shapes"] == trt["trt_profile_max_shapes"] == "input:128x3x224x224"
+    assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path)
+    assert cuda == {"device_id": 1, "cudnn_conv_algo_search": "EXHAUSTIVE"} and cpu == {}
+    assert provider_options("tensorrt", [8], "fp32", "x", (1, 8, 8))[0]["trt_fp16_enable"] is False
+    assert provider_options("cpu", [1, 8], "fp32", "input", (3, 8, 8)) == [{}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on a machine where TensorRT cannot start")
+def test_tensorrt_that_cannot_start_says_why_and_keeps_the_table_clean(files):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "slimkit", "bench", str(files / "a.onnx"), "--provider", "tensorrt",
+                        "--runs", "1", "--warmup", "1"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root), "XDG_CACHE_HOME": str(files / "cache")})
+    assert r.returncode == 0, r.stderr
+    warning = next(line for line in r.stderr.splitlines() if line.startswith("slimkit: warning:"))
+    assert "TensorrtExecutionProvider could not start here: " in warning and "slimkit[tensorrt]" in warning
+    assert "TensorRT libraries" in warning  # ORT's reason, not only the fact
+    assert "libnvinfer" in r.stderr  # ORT's own load error is shown, not silenced
+    assert "EP Error" not in r.stdout and "| a.onnx | CPUExecutionProvider | 1 |" in r.stdout

@@ -11,6 +11,7 @@ import torch
 
 from conftest import randomize_bn, rel_err
 from slimkit import apply_plan, create_model, list_models, load, save
+from slimkit.errors import SlimkitError
 from slimkit.export import export_onnx
 from slimkit.graph import ChannelGraph
 from slimkit.plan import kels_plan
@@ -66,7 +67,7 @@ def test_onnx_file_is_self_contained_named_and_tagged(tmp_path):
 def test_fp16_keeps_float32_io_and_reports_its_error(tmp_path):
     ck = save(randomize_bn(create_model("cifar_resnet", depth=8, width=8)), tmp_path / "m.pt")
     rep = export_onnx(ck, tmp_path / "h.onnx", fp16=True)
-    assert rep.precision == "fp16" and rep.io_dtype == "float32" and rep.tolerance is None
+    assert rep.precision == "fp16" and rep.io_dtype == "float32" and rep.tolerance == 1e-2  # the stated fp16 bound
     assert 0 < rep.max_rel_diff < 1e-2
     sess = ort.InferenceSession(str(tmp_path / "h.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(float)"
@@ -76,6 +77,51 @@ def test_fp16_keeps_float32_io_and_reports_its_error(tmp_path):
     assert rep.io_dtype == "float16"
     sess = ort.InferenceSession(str(tmp_path / "hh.onnx"), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].type == "tensor(float16)"
+
+
+def _overflowing_mlp():
+    """An MLP whose logits are ~1e6: finite in fp32, beyond fp16's largest value (65504)."""
+    model = create_model("mlp", num_classes=3, hidden=(16,), in_chans=1, image_size=4)
+    with torch.no_grad():
+        model.net[-1].weight.fill_(3e4)  # representable in fp16; the sum over 16 hidden units is not
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, half = model(x), model.half()(x.half())
+    assert torch.isfinite(ref).all() and ref.abs().max() > 65504 and not torch.isfinite(half).all()
+    return model.float()
+
+
+def test_fp16_export_whose_output_overflows_is_refused_and_nothing_written(cli, tmp_path):
+    ck = save(_overflowing_mlp(), tmp_path / "big.pt")
+    r = cli("export", ck, "-o", tmp_path / "h.onnx", "--fp16")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "inf/NaN" in r.err and "fp16 overflows" in r.err and "nothing written" in r.err
+    assert not (tmp_path / "h.onnx").exists()
+    r = cli("export", ck, "-o", tmp_path / "f.onnx")  # the same network in fp32 verifies and is written
+    assert r.code == 0 and (tmp_path / "f.onnx").exists(), r.err
+
+
+def test_fp16_export_beyond_its_stated_bound_is_refused(tmp_path):
+    # a BN whose variance is tiny amplifies fp16's rounding of its input far beyond FP16_RTOL
+    from slimkit.export import FP16_RTOL, to_verified_onnx
+
+    model = randomize_bn(create_model("cifar_resnet", depth=8, width=8), seed=1)
+    with torch.no_grad():
+        model.bn1.running_var.fill_(1e-7)
+        model.bn1.eps = 1e-9
+    with pytest.raises(SlimkitError, match=rf"relative .* > {FP16_RTOL:g}\); nothing written"):
+        to_verified_onnx(model, (3, 32, 32), fp16=True)
+
+
+def test_fp16_is_verified_on_the_gpu_provider_when_a_gpu_is_usable():
+    from slimkit.export import verification_providers
+
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert verification_providers(True, every, cuda=True)[0] == "CUDAExecutionProvider"
+    # onnxruntime-gpu lists CUDA on a machine without a GPU: the listing alone is not enough
+    assert verification_providers(True, every, cuda=False) == ["CPUExecutionProvider"]
+    assert verification_providers(True, ["CPUExecutionProvider"], cuda=True) == ["CPUExecutionProvider"]
+    assert verification_providers(False, every, cuda=True) == ["CPUExecutionProvider"]  # fp32: the reference
 
 
 @pytest.fixture

@@ -316,7 +316,7 @@ def test_merge_ddp_two_cpu_processes(tmp_path, teachers):
     assert load(tmp_path / "d" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
 
 
-@pytest.mark.parametrize("verb", ["train", "evolve", "merge"])
+@pytest.mark.parametrize("verb", ["train", "evolve", "merge", "den"])
 @pytest.mark.parametrize("device,msg", [("cuda", "CUDA is not available"), ("tpu", "unknown device")])
 def test_device_refusals(cli, tmp_path, teachers, verb, device, msg):
     if torch.cuda.is_available() and device == "cuda":

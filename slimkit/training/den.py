@@ -141,7 +141,7 @@ def score(net, task_id: int, task: Task) -> float:
     """Accuracy, or AUROC for binary tasks, of head ``task_id`` with timestamped inference."""
     net.eval()
     x, y = task.test.tensors
-    logits = net(x, task_id)
+    logits = net(x.to(next(net.parameters()).device), task_id).cpu()
     if task.binary:
         return auroc(torch.softmax(logits, 1)[:, 1], y)
     return float((logits.argmax(1) == y).float().mean())
@@ -199,12 +199,12 @@ def _all(net) -> dict[str, None]:
     return {n: None for n, _ in net.named_parameters()}
 
 
-def _new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int):
-    torch.manual_seed(seed)
+def _new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int, device: str = "cpu"):
+    torch.manual_seed(seed)  # built on the CPU: the same initial weights on every device
     io = dict(heads=heads, image_size=cfg.image_size, in_chans=1 if cfg.data == "digits" else 3)
     if cfg.channels:
-        return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, **io)
-    return create_model("den_mlp", hidden=cfg.hidden, **io)
+        return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, **io).to(device)
+    return create_model("den_mlp", hidden=cfg.hidden, **io).to(device)
 
 
 def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> dict[str, Any]:
@@ -264,7 +264,8 @@ def _fisher(net, t: int, task: Task) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher of the hidden weights on task t (EWC)."""
     net.eval()
     fisher = {n: torch.zeros_like(p) for n, p in net.named_parameters() if n.startswith("hidden.")}
-    x, y = task.train.tensors
+    dev = next(net.parameters()).device
+    x, y = (t.to(dev) for t in task.train.tensors)
     for i in range(0, len(y), 64):
         net.zero_grad(set_to_none=True)
         F.cross_entropy(net(x[i:i + 64], t), y[i:i + 64], reduction="sum").backward()
@@ -275,9 +276,10 @@ def _fisher(net, t: int, task: Task) -> dict[str, torch.Tensor]:
     return {n: f / len(y) for n, f in fisher.items()}
 
 
-def _sequential_baseline(name: str, tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> int:
+def _sequential_baseline(name: str, tasks: list[Task], cfg: DENConfig, R: list[list[float]],
+                         device: str = "cpu") -> int:
     """DNN / DNN-L2 / EWC: one network fine-tuned task after task (a new head per task)."""
-    net = _new_net(cfg, (), cfg.seed)
+    net = _new_net(cfg, (), cfg.seed, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     fisher: dict[str, torch.Tensor] = {}
     ref = None
@@ -297,10 +299,10 @@ def _sequential_baseline(name: str, tasks: list[Task], cfg: DENConfig, R: list[l
     return D.count_params(net), D.count_params(net, nonzero=True)
 
 
-def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> list[int]:
+def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]], device: str = "cpu") -> list[int]:
     nets, sizes = [], []
     for t, task in enumerate(tasks, 1):
-        net = _new_net(cfg, (task.classes,), cfg.seed + t)
+        net = _new_net(cfg, (task.classes,), cfg.seed + t, device)
         D.fit(net, 1, task.train, _all(net), cfg.epochs, cfg.lr, cfg.batch_size, None, seed=cfg.seed * 1000 + t)
         nets.append(net)
         sizes.append((D.count_params(net), D.count_params(net, nonzero=True)))
@@ -308,9 +310,9 @@ def _stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]]) -> list[int]:
     return sizes
 
 
-def _mtl(tasks: list[Task], cfg: DENConfig) -> tuple[list[float], int]:
+def _mtl(tasks: list[Task], cfg: DENConfig, device: str = "cpu") -> tuple[list[float], int]:
     """Joint training on every task at once: one shared body, a head per task, summed losses."""
-    net = _new_net(cfg, tuple(t.classes for t in tasks), cfg.seed)
+    net = _new_net(cfg, tuple(t.classes for t in tasks), cfg.seed, device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(cfg.seed)
     net.train()
@@ -324,7 +326,7 @@ def _mtl(tasks: list[Task], cfg: DENConfig) -> tuple[list[float], int]:
                 if batch is None:
                     continue
                 x, y = batch
-                loss = loss + F.cross_entropy(net(x, t), y)
+                loss = loss + F.cross_entropy(net(x.to(device), t), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -340,24 +342,28 @@ def _metrics(R: list[list[float]]) -> dict[str, float]:
 
 
 def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = print,
-            resume: bool = False, _stop_after: int | None = None) -> dict[str, Any] | None:
+            resume: bool = False, _stop_after: int | None = None, device: str = "cpu") -> dict[str, Any] | None:
     """Learn the task sequence with DEN and the baselines; write the run directory; return the summary.
+
+    ``device``: cpu, cuda or auto (as the other training verbs; DEN runs in one process).
 
     ``resume`` continues a run in ``out`` after its last finished task or baseline (same settings);
     it ends with the same results and networks as an uninterrupted run. ``_stop_after`` simulates a
     crash after that many tasks and baselines (for the resume test) and returns None.
     """
     from slimkit.checkpoint import load
+    from slimkit.training.distributed import resolve_device
     from slimkit.training.rundir import RunDir
     from slimkit.training.runs import StopAfter
 
     out = Path(out)
+    device = resolve_device(device)
     tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed)  # refuses bad specs before writing
     run = RunDir(out, "den", cfg.to_json(), resume).check()
     run.begin()
     stop = StopAfter(_stop_after)
     t0 = time.perf_counter()
-    net = _new_net(cfg, (), cfg.seed)
+    net = _new_net(cfg, (), cfg.seed, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     R: list[list[float]] = []
     per_task: list[dict[str, Any]] = []
@@ -367,7 +373,7 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         st = run.state
         done, R, per_task, results = int(st["tasks_done"]), st["R"], st["per_task"], st["baselines"]
         if done:
-            net = load(out / f"task{done}.pt")  # the grown, timestamped network as it was after task `done`
+            net = load(out / f"task{done}.pt").to(device)  # the grown, timestamped network after task `done`
             gen.set_state(st["generator"])
         echo(f"resuming {out} after task {done}/{len(tasks)}"
              + (f" and baselines {', '.join(results)}" if results else ""))
@@ -404,18 +410,18 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
             continue
         tb = time.perf_counter()
         if b == "mtl":
-            final, (params, nz) = _mtl(tasks, cfg)
+            final, (params, nz) = _mtl(tasks, cfg, device)
             results[b] = {"R": [final], "average": sum(final) / len(final), "forgetting": None, "bwt": None,
                           "params": params, "nonzero": nz}
         elif b == "stl":
             Rb: list[list[float]] = []
-            sizes = _stl(tasks, cfg, Rb)
+            sizes = _stl(tasks, cfg, Rb, device)
             results[b] = {"R": Rb, **_metrics(Rb), "params": sum(p for p, _ in sizes),
                           "nonzero": sum(nz for _, nz in sizes),
                           "params_per_task": [sum(p for p, _ in sizes[:i + 1]) for i in range(len(sizes))]}
         else:
             Rb = []
-            params, nz = _sequential_baseline(b, tasks, cfg, Rb)
+            params, nz = _sequential_baseline(b, tasks, cfg, Rb, device)
             results[b] = {"R": Rb, **_metrics(Rb), "params": params, "nonzero": nz}
         run.log({"kind": "baseline", "method": b, **results[b], "seconds": time.perf_counter() - tb})
         checkpoint_state()

@@ -27,9 +27,9 @@ from slimkit.models import create_model, input_shape_of
 from slimkit.plan import apply_masks, check_split_rate, kels_plan, plan_masks, wels_masks
 from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model, train_one_epoch
+from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import (barrier, datasets, ddp, input_kwargs, num_classes_of, process_group, resolve_device,
-                                   shift_augment)
+from slimkit.training.runs import datasets, input_kwargs, num_classes_of, shift_augment
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
@@ -101,9 +101,10 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
     evaluates and writes every file.
     """
-    with process_group() as (rank, world):
+    device = resolve_device(device)  # before the group: the chosen device picks its backend
+    with process_group(device) as (rank, world):
         return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                       _stop_after_epochs, rank, world, resolve_device(device))
+                       _stop_after_epochs, rank, world, device)
 
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],

@@ -24,9 +24,9 @@ from torch import nn
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
+from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import (StopAfter, barrier, datasets, ddp, num_classes_of, process_group, resolve_device,
-                                   run_epochs, shift_augment)
+from slimkit.training.runs import StopAfter, datasets, num_classes_of, run_epochs, shift_augment
 
 __all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
 
@@ -67,15 +67,18 @@ class MergeConfig:
 
 
 @torch.inference_mode()
-def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of the mean of the models' logits."""
+def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256, device: str = "cpu") -> float:
+    """Top-1 accuracy of the mean of the models' logits (the models already on ``device``)."""
     from torch.utils.data import DataLoader
+
+    from slimkit.evaluate import device_layout
 
     for m in models:
         m.eval()
     correct = total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size):
-        logits = sum(m(x) for m in models) / len(models)
+        x = device_layout(x.to(device), device)
+        logits = (sum(m(x) for m in models) / len(models)).cpu()
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)
     return correct / max(total, 1)
@@ -100,10 +103,10 @@ def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume:
           echo: Callable[[str], None] = print, device: str = "cpu",
           _stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Run (or resume) a merge; returns the summary record (accuracies and parameter counts)."""
-    with process_group() as (rank, world):
+    device = resolve_device(device)  # before the group: the chosen device picks its backend
+    with process_group(device) as (rank, world):
         return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world,
-                      resolve_device(device))
+                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world, device)
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
@@ -129,8 +132,11 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     augment = shift_augment if cfg.data == "digits" else None
 
     if run.state is None and run.main:  # a new run, or one stopped before its first state: start from the teachers
-        rec = {"kind": "teachers", "teacher_a": accuracy(ta, test), "teacher_b": accuracy(tb, test),
-               "ensemble": ensemble_accuracy([ta, tb], test), "big_student": accuracy(big, test),
+        for m in (ta, tb, big):
+            prepare_model(m, device)  # evaluated on the chosen device
+        rec = {"kind": "teachers", "teacher_a": accuracy(ta, test, device=device),
+               "teacher_b": accuracy(tb, test, device=device),
+               "ensemble": ensemble_accuracy([ta, tb], test, device=device), "big_student": accuracy(big, test, device=device),
                "teacher_params": _params(ta), "big_params": _params(big),
                "teacher_paths": [str(p) for p in paths]}
         run.log(rec)
@@ -182,7 +188,8 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         gated.to("cpu", memory_format=torch.contiguous_format)  # surgery traces on the CPU
         student, plan = compress(gated, ta)
         if run.main:
-            rec = {"kind": "compressed", "gated": accuracy(gated, test), "compressed": accuracy(student, test),
+            rec = {"kind": "compressed", "gated": accuracy(prepare_model(gated, device), test, device=device),
+                   "compressed": accuracy(prepare_model(student, device), test, device=device),
                    "params": _params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
             run.log(rec)
             run.save_model(student, "compressed.pt", merge_plan=plan.to_json(),

@@ -1,12 +1,10 @@
-"""What every training verb shares: datasets, DDP set-up and the epoch runner.
+"""What every training verb shares: datasets and the epoch runner (run directory: rundir.py; DDP: distributed.py).
 
 The run directory (config, metrics, state, resume) is :mod:`slimkit.training.rundir`.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -16,8 +14,7 @@ from slimkit.errors import SlimkitError
 from slimkit.models import model_params
 from slimkit.training.rundir import RunDir
 
-__all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "distributed", "resolve_device", "barrier",
-           "ddp", "process_group", "StopAfter", "run_epochs", "num_classes_of"]
+__all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "StopAfter", "run_epochs", "num_classes_of"]
 
 
 def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | None = None,
@@ -41,21 +38,6 @@ def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | N
     if train_per_class is not None:
         train = per_class_subset(train, train_per_class, subset_seed)
     return train, test
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is refused."""
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise SlimkitError(f"unknown device {name!r}; use auto, cpu or cuda")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SlimkitError(f"--device {name}: CUDA is not available on this machine (torch sees no GPU); use cpu or auto")
-    if name == "cuda" and int(os.environ.get("LOCAL_RANK", "-1")) >= 0:
-        name = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
-    if name.startswith("cuda:"):
-        torch.cuda.set_device(int(name.split(":")[1]))
-    return name
 
 
 def num_classes_of(train: Dataset, test: Dataset, expected: int | None = None) -> int:
@@ -102,54 +84,6 @@ def input_kwargs(arch: str, data: str, image_size: int) -> dict[str, Any]:
     return kwargs
 
 
-def distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group). Launched by torchrun: WORLD_SIZE > 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def ddp(model: torch.nn.Module, world: int) -> torch.nn.Module:
-    """``model`` wrapped for data-parallel training when launched by torchrun, else itself."""
-    if world <= 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        return DistributedDataParallel(model, device_ids=[dev.index])
-    return DistributedDataParallel(model)  # shares model's parameters; buffers follow rank 0
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """(rank, world): joins torchrun's process group when launched by it, and leaves it after."""
-    rank, world, created = distributed()
-    ok = False
-    try:
-        yield rank, world
-        ok = True
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            if ok:  # ranks > 0 finish first: let rank 0 finish writing before anyone tears gloo down
-                dist.barrier()
-            dist.destroy_process_group()
 
 
 class StopAfter:

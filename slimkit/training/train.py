@@ -16,9 +16,9 @@ from slimkit.evaluate import accuracy
 from slimkit.cost import count_params
 from slimkit.models import create_model, input_shape_of
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model
+from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import (StopAfter, barrier, datasets, ddp, input_kwargs, num_classes_of, process_group,
-                                   resolve_device, run_epochs, shift_augment)
+from slimkit.training.runs import StopAfter, datasets, input_kwargs, num_classes_of, run_epochs, shift_augment
 
 __all__ = ["TrainRunConfig", "train", "plot_curves"]
 
@@ -54,9 +54,10 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last."""
-    with process_group() as (rank, world):
+    device = resolve_device(device)  # before the group: the chosen device picks its backend
+    with process_group(device) as (rank, world):
         return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                      StopAfter(_stop_after_epochs), rank, world, resolve_device(device))
+                      StopAfter(_stop_after_epochs), rank, world, device)
 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
