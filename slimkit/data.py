@@ -19,6 +19,18 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
         return d["images"], d["labels"]  # (1797, 8, 8) uint8 in 0..16, (1797,) int64
 
 
+def digits_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Which items are in the test split: a seeded, stratified ``test_fraction`` of every class."""
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        test_idx.extend(rng.permutation(idx)[: round(test_fraction * len(idx))])
+    in_test = np.zeros(len(labels), dtype=bool)
+    in_test[test_idx] = True
+    return in_test
+
+
 def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fraction: float = 0.2,
            seed: int = 0) -> TensorDataset:
     """The digits set as tensors: images (N, in_chans, S, S) scaled to [-1, 1], labels (N,).
@@ -30,13 +42,7 @@ def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fr
     if image_size < 1 or in_chans < 1:
         raise SlimkitError(f"digits: image_size and in_chans must be positive, got {image_size}, {in_chans}")
     images, labels = _digits_arrays()
-    rng = np.random.default_rng(seed)
-    test_idx = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        test_idx.extend(rng.permutation(idx)[: round(test_fraction * len(idx))])
-    in_test = np.zeros(len(labels), dtype=bool)
-    in_test[test_idx] = True
+    in_test = digits_split(labels, test_fraction, seed)
     pick = in_test if split == "test" else ~in_test
     x = torch.from_numpy(images[pick]).float().div_(16).mul_(2).sub_(1).unsqueeze(1)  # (N, 1, 8, 8)
     if image_size != 8:
