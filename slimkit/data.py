@@ -168,6 +168,7 @@ class Images(torch.utils.data.Dataset):
         self.classes = classes
         h, w = self.size
         self.store = self.size if resize == "fit" else (round(h * 256 / 224), round(w * 256 / 224))
+        self.mean_std = (tuple(float(m) for m in mean), tuple(float(v) for v in std))  # as given, for the record
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.transform = _geometry(preset, self.size, self.store)
@@ -190,8 +191,7 @@ class Images(torch.utils.data.Dataset):
 
     @property
     def preprocess(self) -> dict:
-        return preprocess_meta(self.preset, self.resize, tuple(self.mean.flatten().tolist()),
-                               tuple(self.std.flatten().tolist()))
+        return preprocess_meta(self.preset, self.resize, *self.mean_std)
 
     def __len__(self) -> int:
         return len(self.items)
