@@ -131,6 +131,14 @@ def test_results_do_not_depend_on_the_number_of_workers(cli, tmp_path):
         assert torch.equal(v, w2["state_dict"][k]), k
     pre = w0["meta"]["data"]["preprocess"]
     assert pre == {"augment": "crop-flip", "resize": "fit", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    r = cli("export", tmp_path / "w0" / "last.pt", "-o", tmp_path / "w0.onnx")  # the file says how to feed it
+    assert r.code == 0, r.err
+    import json
+
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "w0.onnx")).metadata_props}
+    assert json.loads(props["slimkit.preprocess"]) == pre
     other = _train_weights(tmp_path, data, "none", "--augment", "none", "--workers", "0", cli=cli)
     assert not torch.equal(other["state_dict"]["fc.weight"], w0["state_dict"]["fc.weight"])
 
