@@ -328,8 +328,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="new run directory (must be empty or absent)")
     p.add_argument("--resume", help="continue the run in this directory (same settings)")
     p.add_argument("--workers", type=_workers, default=None,
-                   help="loader processes for image directories (default: one per CPU less one, at most 8; 0 "
-                   "loads in the training process); results do not depend on it")
+                   help="loader processes for image directories (default: one per CPU less one, at most 8, and 0 "
+                   "below 4 CPUs; 0 loads in the training process); results do not depend on it")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -226,3 +226,22 @@ def test_large_sets_are_read_per_item_with_the_same_values(tmp_path):
     assert isinstance(lazy, Images) and lazy.pixels is None and cached.pixels is not None
     for i in range(len(cached)):
         assert torch.equal(cached[i][0], lazy[i][0])
+
+
+def test_committed_glyphs_are_split_by_font_family_and_load_through_the_folder_path(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_glyphs", ROOT / "tools" / "make_glyphs.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    npz = ROOT / "benchmarks" / "data" / "glyphs.npz"
+    d = np.load(npz)
+    test_fonts, train_fonts = set(d["font"][d["in_test"]].tolist()), set(d["font"][~d["in_test"]].tolist())
+    assert not test_fonts & train_fonts and len(test_fonts) >= 20
+    fam = d["families"]
+    assert not {str(fam[i]) for i in test_fonts} & {str(fam[i]) for i in train_fonts}  # unseen typefaces
+    assert np.bincount(d["labels"][d["in_test"]]).tolist() == [len(test_fonts)] * 10  # every letter of every font
+    files = {str(f) for f in d["files"][sorted(test_fonts)]} & {str(f) for f in d["files"][sorted(train_fonts)]}
+    assert not files
+    root = tool.write_folder(npz, tmp_path / "glyphs")
+    train, test = datasets(str(root), 3, 16, augment="none")
+    assert train.classes == test.classes == list("ABCDEFGHIJ")
+    assert len(test) == int(d["in_test"].sum()) and len(train) + len(test) == len(d["labels"])

@@ -102,8 +102,8 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
     """Run (or resume) Knowledge Evolution; returns one record per generation.
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
-    evaluates and writes every file. ``workers``: loader processes for image sets (None: one per CPU
-    less one); results do not depend on it.
+    evaluates and writes every file. ``workers``: loader processes for image sets (None:
+    slimkit.data.default_workers()); results do not depend on it.
     """
     workers = check_workers(workers)
     with process_group() as (rank, world):

@@ -106,7 +106,7 @@ def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume:
           _stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Run (or resume) a merge; returns the summary record (accuracies and parameter counts).
 
-    ``workers``: loader processes for image sets (None: one per CPU less one); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
     from slimkit.data import check_workers
 
     workers = check_workers(workers)

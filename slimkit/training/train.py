@@ -56,7 +56,7 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
-    ``workers``: loader processes for image sets (None: one per CPU less one); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
     workers = check_workers(workers)
     with process_group() as (rank, world):
         return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
