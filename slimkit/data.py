@@ -272,6 +272,10 @@ def _check_mode(path: str, mode: str) -> None:
 
 
 def _unreadable(path: str, exc: Exception) -> SlimkitError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return SlimkitError(f"{path}: cannot decode this image (not in a format PIL reads)")
     detail = str(exc).splitlines()[0] if str(exc) else "no detail"
     return SlimkitError(f"{path}: cannot decode this image ({type(exc).__name__}: {detail})")
 
@@ -282,6 +286,8 @@ def _check_header(path: str) -> None:
     try:
         with Image.open(path) as im:
             _check_mode(path, im.mode)
+    except SlimkitError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise _unreadable(path, exc) from None
 
@@ -294,6 +300,8 @@ def _decode(path: str, store: tuple[int, int]) -> torch.Tensor:
         with Image.open(path) as im:
             _check_mode(path, im.mode)
             im = im.convert("RGB")  # grayscale and palette images: equal channels; alpha dropped
+    except SlimkitError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
         raise _unreadable(path, exc) from None
     h, w = store

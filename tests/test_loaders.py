@@ -200,12 +200,13 @@ def test_bad_images_one_line_exit_2_naming_the_file(cli, tmp_path):
     (bad / "train" / "b" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     deep = _folder(tmp_path / "deep", per_class=2)
     _img(deep / "test" / "c" / "depth.png", np.full((8, 8), 40000, np.uint16))  # PIL: mode I;16
-    for name, expected in (("bad", "broken.png: cannot decode this image"),
+    for name, expected in (("bad", "broken.png: cannot decode this image (not in a format PIL reads)"),
                            ("deep", "depth.png: 16-bit pixels (PIL mode I;16) cannot be read as 8-bit RGB")):
         for verb in ("evolve", "den"):
             out = tmp_path / f"run_{name}_{verb}"
             r = cli(verb, "--data", tmp_path / name, "--image-size", "8", "--epochs", "1", "--out", out)
             assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and expected in r.err, (verb, r.err)
+            assert r.err.count(".png") == 1  # the file named once, not wrapped in a second message
             assert not out.exists()
 
 
