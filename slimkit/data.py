@@ -359,9 +359,9 @@ def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test", augm
     size); grayscale, palette and RGBA images are read as RGB; 16-bit and float images are refused.
     """
     c, h, w = input_shape
+    items, classes = _scan(root, split)  # a missing directory is named before the channel count
     if c != 3:
         raise SlimkitError(f"image folders give RGB images; this network reads {c} channels")
-    items, classes = _scan(root, split)
     return Images(items, (h, w), resolve_augment(augment, min(h, w)), resize or resize_policy(min(h, w)),
                   tuple(mean), tuple(std), classes=classes, cache=cache, workers=workers)
 
