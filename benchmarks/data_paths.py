@@ -141,7 +141,7 @@ def _markdown(rows: list[dict], rates: dict[str, float], args, cmd: str) -> str:
     tr = {p: [r for r in rows if r["verb"] == "train" and r["path"] == p] for p in paths}
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    lines = [f"# Built-in digits vs ImageFolder vs KE lists: the same images through three paths", "",
+    lines = ["# Built-in digits vs ImageFolder vs KE lists: the same images through three paths", "",
              f"Reproduce: `{cmd}`", "",
              f"cifar_resnet at 16x16, {args.per_class} training images per class (the same seeded subset on every "
              f"path), the full 359-image test split, `--augment auto` (shift), seeds {', '.join(map(str, args.seeds))}; "

@@ -226,10 +226,6 @@ class Images(torch.utils.data.Dataset):
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_loader"}
 
-    def evaluation(self) -> "Images":
-        """The same images without augmentation (a training split evaluated)."""
-        return self._copy(list(range(len(self))), "none")
-
     def subset(self, indices: list[int]) -> "Images":
         """The items at ``indices`` (decoded pixels shared, not re-read)."""
         return self._copy(indices, self.preset)
