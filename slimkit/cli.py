@@ -42,6 +42,22 @@ def _positive_int(text: str) -> int:
     return n
 
 
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 0 (load in the training process) or more, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (load in the training process) or more, got {text!r}")
+    return n
+
+
+def _augment_arg(p: argparse.ArgumentParser) -> None:
+    from slimkit.data import AUGMENT_HELP, AUGMENTS
+
+    p.add_argument("--augment", default="auto", choices=("auto", *AUGMENTS), metavar="PRESET", help=AUGMENT_HELP)
+
+
 def _model_args(text: str) -> dict:
     """``depth=56,width=32`` (or a JSON object) -> constructor arguments; values parse as JSON scalars."""
     text = text.strip()
@@ -158,7 +174,7 @@ def _rank0() -> bool:
 def _launch(verb: str, args: argparse.Namespace, run, wrote: str) -> int:
     """Start or resume a training run in --out/--resume and say what it wrote (rank 0 only)."""
     out = _run_dir(verb, args)
-    run(out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device)
+    run(out, resume=args.resume is not None, progress=sys.stderr.isatty(), device=args.device, workers=args.workers)
     if _rank0():
         print(f"wrote {out}/{wrote}")
     return 0
@@ -170,7 +186,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
                        generations=args.generations, image_size=args.image_size,
                        train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
-                       num_classes=args.num_classes, train=_train_config(args))
+                       num_classes=args.num_classes, augment=args.augment, train=_train_config(args))
     return _launch("evolve", args, lambda out, **kw: evolve(cfg, out, **kw),
                    "summary.md, generations.png, metrics.jsonl and gen*/last.pt")
 
@@ -180,7 +196,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
-                         eval_every=args.eval_every, num_classes=args.num_classes, train=_train_config(args))
+                         eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
+                         train=_train_config(args))
     return _launch("train", args, lambda out, **kw: train(cfg, out, **kw),
                    "last.pt, summary.md, curves.png and metrics.jsonl")
 
@@ -192,7 +209,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                       gate=_train_config(args, args.gate_epochs, args.lr, args.warmup_epochs),
                       finetune=_train_config(args, args.finetune_epochs, args.finetune_lr, args.finetune_warmup_epochs),
                       gate_lr=args.gate_lr, lambda_init=args.lambda_init, lambda_step=args.lambda_step,
-                      eval_every=args.eval_every)
+                      eval_every=args.eval_every, augment=args.augment)
     return _launch("merge", args, lambda out, **kw: merge(cfg, args.teachers, out, arch=args.arch,
                                                            num_classes=args.num_classes, **kw),
                    "big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
@@ -293,6 +310,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
     p.add_argument("--train-per-class", type=_positive_int, help="seeded per-class subset of the training split")
     p.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and at the end)")
+    _augment_arg(p)
 
 
 def _from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
@@ -313,6 +331,9 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    "under bf16 autocast with channels_last")
     p.add_argument("--out", help="new run directory (must be empty or absent)")
     p.add_argument("--resume", help="continue the run in this directory (same settings)")
+    p.add_argument("--workers", type=_workers, default=None,
+                   help="loader processes for image directories (default: one per CPU less one, at most 8, and 0 "
+                   "below 4 CPUs; 0 loads in the training process); results do not depend on it")
 
 
 def build_parser() -> argparse.ArgumentParser:

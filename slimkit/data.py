@@ -1,4 +1,9 @@
-"""Datasets. For now: the bundled 8x8 handwritten digits (scikit-learn's, shipped in the package)."""
+"""Datasets: the bundled 8x8 handwritten digits (scikit-learn's, shipped in the package) and image directories.
+
+Image directories (ImageFolder trees or the Knowledge Evolution lists/ layout) are decoded once
+into uint8 tensors when they fit in memory; training augmentation (a torchvision preset) runs per
+item on those tensors, seeded from (epoch seed, item), in as many loader processes as asked.
+"""
 from __future__ import annotations
 
 from importlib import resources
@@ -10,13 +15,26 @@ from torch.utils.data import TensorDataset
 
 from slimkit.errors import SlimkitError
 
-__all__ = ["digits"]
+__all__ = ["digits", "digits_split", "image_dir", "eval_dataset", "labels_of", "Images", "Augmented",
+           "AUGMENTS", "resolve_augment", "default_workers", "check_workers", "check_same_classes", "epoch_loader"]
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     with resources.files("slimkit").joinpath("_data/digits.npz").open("rb") as f:
         d = np.load(f)
         return d["images"], d["labels"]  # (1797, 8, 8) uint8 in 0..16, (1797,) int64
+
+
+def digits_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Which items are in the test split: a seeded, stratified ``test_fraction`` of every class."""
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        test_idx.extend(rng.permutation(idx)[: round(test_fraction * len(idx))])
+    in_test = np.zeros(len(labels), dtype=bool)
+    in_test[test_idx] = True
+    return in_test
 
 
 def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fraction: float = 0.2,
@@ -30,13 +48,7 @@ def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fr
     if image_size < 1 or in_chans < 1:
         raise SlimkitError(f"digits: image_size and in_chans must be positive, got {image_size}, {in_chans}")
     images, labels = _digits_arrays()
-    rng = np.random.default_rng(seed)
-    test_idx = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        test_idx.extend(rng.permutation(idx)[: round(test_fraction * len(idx))])
-    in_test = np.zeros(len(labels), dtype=bool)
-    in_test[test_idx] = True
+    in_test = digits_split(labels, test_fraction, seed)
     pick = in_test if split == "test" else ~in_test
     x = torch.from_numpy(images[pick]).float().div_(16).mul_(2).sub_(1).unsqueeze(1)  # (N, 1, 8, 8)
     if image_size != 8:
@@ -47,51 +59,261 @@ def digits(split: str = "train", image_size: int = 8, in_chans: int = 1, test_fr
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)  # digits: v/16 in [0, 1] -> [-1, 1]
+
+AUGMENTS = ("none", "shift", "flip", "crop-flip", "trivialaugment", "randaugment")
+AUGMENT_HELP = ("training augmentation: auto (the default: shift below 64 px, crop-flip from 64 px) | none | "
+                "shift (random translation by up to 1/8 of the side) | flip (horizontal) | crop-flip "
+                "(RandomResizedCrop, scale from 0.5 below 64 px, 0.25 below 128 px, 0.08 above, + flip) | "
+                "trivialaugment | randaugment (shift, then TrivialAugmentWide / RandAugment)")
+SMALL_INPUT = 64  # below this side images are resized to the input size; from it, ImageNet's 256/224 margin
+CACHE_BYTES = 1 << 30  # image sets whose decoded uint8 pixels fit in this are decoded once and kept in memory
+LOSSLESS_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # PIL modes read as RGB
 
 
-class _ListDataset(torch.utils.data.Dataset):
-    """(path, label) pairs read with PIL and transformed on access."""
+def resolve_augment(name: str, image_size: int) -> str:
+    """The preset ``name`` (or ``auto``'s choice for ``image_size``); unknown names are refused."""
+    if name == "auto":
+        return "shift" if image_size < SMALL_INPUT else "crop-flip"
+    if name not in AUGMENTS:
+        raise SlimkitError(f"unknown --augment preset {name!r}; available: auto, {', '.join(AUGMENTS)}")
+    return name
 
-    def __init__(self, items: list[tuple[str, int]], transform):
-        self.items, self.transform = items, transform
+
+def crop_scale(image_size: int) -> tuple[float, float]:
+    """RandomResizedCrop's area range: ImageNet's 8 % lower bound only for ImageNet-sized inputs."""
+    return (0.5 if image_size < SMALL_INPUT else 0.25 if image_size < 128 else 0.08, 1.0)
+
+
+def resize_policy(image_size: int) -> str:
+    """'fit': shorter side to the input size, centre crop; 'imagenet': shorter side to size*256/224, centre crop."""
+    return "fit" if image_size < SMALL_INPUT else "imagenet"
+
+
+def default_workers() -> int:
+    """Loader processes when --workers is not given: one per CPU this process may use, less one, at most 8;
+    none below 4 CPUs, where a loader process takes a core from the training step (measured on 2 cores:
+    benchmarks/results/data_paths.md)."""
+    import os
+
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return 0 if n < 4 else min(8, n - 1)
+
+
+def check_workers(n: int | None) -> int:
+    if n is None:
+        return default_workers()
+    if int(n) < 0:
+        raise SlimkitError(f"--workers must be 0 (load in the training process) or more, got {n}")
+    return int(n)
+
+
+def preprocess_meta(preset: str, resize: str, mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """What a checkpoint records about its inputs: evaluation applies ``resize`` and ``(x/255 - mean)/std``."""
+    return {"augment": preset, "resize": resize, "mean": list(mean), "std": list(std)}
+
+
+def _geometry(preset: str, size: tuple[int, int], store: tuple[int, int]):
+    """The per-image training transform of ``preset`` on a uint8 (C, H, W) tensor of side ``store``."""
+    from torchvision.transforms import v2
+
+    h, w = size
+    centre = [v2.CenterCrop(size)] if store != size else []
+    shift = centre + [v2.RandomCrop(size, padding=[max(1, w // 8), max(1, h // 8)])]
+    steps = {"none": centre, "shift": shift, "flip": centre + [v2.RandomHorizontalFlip()],
+             "crop-flip": [v2.RandomResizedCrop(size, scale=crop_scale(min(h, w)), antialias=True),
+                           v2.RandomHorizontalFlip()],
+             "trivialaugment": shift + [v2.TrivialAugmentWide()], "randaugment": shift + [v2.RandAugment()]}[preset]
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)  # Compose costs as much as a crop on a small image
+
+
+def _sample_seed(seed: int, index: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + 17) % (2**63)
+
+
+def _seeded(transform, x: torch.Tensor, key) -> torch.Tensor:
+    """``transform(x)`` drawn from a seed of (epoch seed, item): the same draws in any worker, with any worker count."""
+    if not isinstance(key, tuple):  # a plain index: draw from the caller's generator
+        return transform(x)
+    # torchvision draws from the global CPU generator. Seed it directly (torch.manual_seed also
+    # visits every accelerator backend: ~1 ms an item); in the training process put its state back.
+    gen = torch.default_generator
+    if torch.utils.data.get_worker_info() is not None:  # a loader process: its generator is ours alone
+        gen.manual_seed(_sample_seed(*key[::-1]))
+        return transform(x)
+    state = gen.get_state()
+    try:
+        gen.manual_seed(_sample_seed(*key[::-1]))
+        return transform(x)
+    finally:
+        gen.set_state(state)
+
+
+class Images(torch.utils.data.Dataset):
+    """Images read from files, resized once to a stored side (uint8), augmented per item, normalised.
+
+    Items are ``(path, label)``. With ``cache`` every image is decoded once (by ``workers`` loader
+    processes) and kept as one uint8 tensor (N, 3, H, W); otherwise each access decodes its file.
+    An item key is an index or ``(index, epoch_seed)``: a seeded key draws the augmentation from
+    the seed, so results do not depend on which process loads it or how many there are.
+    """
+
+    def __init__(self, items: list[tuple[str, int]], input_hw: tuple[int, int], preset: str = "none",
+                 resize: str = "fit", mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 classes: list[str] | None = None, cache: bool | None = None, workers: int = 0):
+        self.items, self.size, self.preset, self.resize = items, tuple(input_hw), preset, resize
+        self.targets = [lab for _, lab in items]
+        self.classes = classes
+        h, w = self.size
+        self.store = self.size if resize == "fit" else (round(h * 256 / 224), round(w * 256 / 224))
+        self.mean_std = (tuple(float(m) for m in mean), tuple(float(v) for v in std))  # as given, for the record
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.transform = _geometry(preset, self.size, self.store)
+        self.workers = workers
+        self.pixels: torch.Tensor | None = None  # (N, 3, *store) uint8 once prepare() decoded them
+        self.cache = cache
+
+    def prepare(self) -> "Images":
+        """Read every file now, so a bad one is named before any training or writing: decoded into
+        memory when the set fits in :data:`CACHE_BYTES` (or ``cache``), else its header checked."""
+        cache = self.cache
+        if cache is None:
+            cache = len(self.items) * 3 * self.store[0] * self.store[1] <= CACHE_BYTES
+        if cache and self.pixels is None:
+            self.pixels = self._decode_all(self.workers)
+        elif not cache:
+            for path, _ in self.items:
+                _check_header(path)
+        return self
+
+    @property
+    def preprocess(self) -> dict:
+        return preprocess_meta(self.preset, self.resize, *self.mean_std)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def decode(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 (3, *store): shorter side resized to the stored side, centre-cropped."""
+        return _decode(self.items[i][0], self.store)
+
+    def _decode_all(self, workers: int) -> torch.Tensor:
+        if not self.items:
+            return torch.empty(0, 3, *self.store, dtype=torch.uint8)
+        loader = torch.utils.data.DataLoader(_Decoder(self), batch_size=64, num_workers=min(workers, len(self.items) // 64),
+                                             collate_fn=_as_list)
+        out = torch.empty(len(self.items), 3, *self.store, dtype=torch.uint8)
+        for batch in loader:
+            for i, x in batch:
+                if isinstance(x, str):  # a decoding error, reported here in one line (not a worker's traceback)
+                    raise SlimkitError(x)
+                out[i] = x
+        return out
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        x = self.pixels[i] if self.pixels is not None else self.decode(i)  # (3, *store) uint8
+        if self.transform is not None:
+            x = _seeded(self.transform, x, key) if self.preset != "none" else self.transform(x)
+        return x.float().div_(255).sub_(self.mean).div_(self.std), self.targets[i]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
+
+    def subset(self, indices: list[int]) -> "Images":
+        """The items at ``indices`` (decoded pixels shared, not re-read)."""
+        return self._copy(indices, self.preset)
+
+    def _copy(self, indices: list[int], preset: str) -> "Images":
+        new = Images.__new__(Images)
+        new.__dict__.update(self.__getstate__())
+        new.items = [self.items[i] for i in indices]
+        new.targets = [self.targets[i] for i in indices]
+        new.preset, new.transform = preset, _geometry(preset, self.size, self.store)
+        if self.pixels is not None:
+            new.pixels = self.pixels[torch.as_tensor(indices, dtype=torch.long)]
+        return new
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Decodes items for the cache; an error comes back as its message (a worker cannot raise one line)."""
+
+    def __init__(self, images: Images):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
     def __getitem__(self, i: int):
-        from PIL import Image
+        try:
+            return i, self.images.decode(i)
+        except SlimkitError as exc:
+            return i, str(exc)
 
-        path, label = self.items[i]
+
+def _as_list(batch):
+    return batch
+
+
+def _check_mode(path: str, mode: str) -> None:
+    if mode not in LOSSLESS_MODES:
+        kind = "16-bit" if "16" in mode else "32-bit integer" if mode.startswith("I") else "float" if mode == "F" else "these"
+        raise SlimkitError(f"{path}: {kind} pixels (PIL mode {mode}) cannot be read as 8-bit RGB without losing "
+                           "their range; convert the images to 8-bit grayscale, RGB or RGBA")
+
+
+def _unreadable(path: str, exc: Exception) -> SlimkitError:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return SlimkitError(f"{path}: cannot decode this image (not in a format PIL reads)")
+    detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+    return SlimkitError(f"{path}: cannot decode this image ({type(exc).__name__}: {detail})")
+
+
+def _check_header(path: str) -> None:
+    from PIL import Image
+
+    try:
         with Image.open(path) as im:
-            return self.transform(im.convert("RGB")), label
+            _check_mode(path, im.mode)
+    except SlimkitError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise _unreadable(path, exc) from None
 
 
-def _transform(input_shape: tuple[int, ...], augment: bool = False):
-    """Evaluation: resize + center crop. Training (``augment``): RandomResizedCrop + horizontal flip."""
-    from torchvision import transforms as T
+def _decode(path: str, store: tuple[int, int]) -> torch.Tensor:
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
-    c, h, w = input_shape
-    if c != 3:
-        raise SlimkitError(f"image folders give RGB images; this network reads {c} channels")
-    geometry = ([T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip()] if augment
-                else [T.Resize(round(h * 256 / 224)), T.CenterCrop((h, w))])
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    try:
+        with Image.open(path) as im:
+            _check_mode(path, im.mode)
+            im = im.convert("RGB")  # grayscale and palette images: equal channels; alpha dropped
+    except SlimkitError:
+        raise
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise _unreadable(path, exc) from None
+    h, w = store
+    im = TF.resize(im, max(h, w), antialias=True)  # shorter side; a square store (the usual) is then covered
+    return TF.pil_to_tensor(TF.center_crop(im, [h, w]))
 
 
-def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test",
-              augment: bool = False) -> torch.utils.data.Dataset:
-    """Evaluation images from a directory, resized/cropped to ``input_shape``, ImageNet-normalised.
-
-    Layouts: the Knowledge Evolution one (``lists/{trn,val,tst}.csv`` with ``file_name,label``),
-    or an ImageFolder tree (``test/`` or ``val/`` or ``train/`` holding one folder per class).
-    """
+def _scan(root: str, split: str) -> tuple[list[tuple[str, int]], list[str] | None]:
+    """(path, label) items of ``split`` in a KE lists/ layout or an ImageFolder tree, and the class folders."""
     import csv
     from pathlib import Path
 
     root_p = Path(root)
     if not root_p.is_dir():
         raise SlimkitError(f"dataset directory {root} does not exist" if not root_p.exists() else f"{root} is not a directory")
-    tf = _transform(tuple(input_shape), augment)
     csv_name = {"train": "trn", "val": "val", "test": "tst"}[split]
     lst = root_p / "lists" / f"{csv_name}.csv"
     if lst.is_file():
@@ -109,16 +331,67 @@ def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test",
                 items.append((str(path), label))
         if not items:
             raise SlimkitError(f"{lst} lists no images")
-        return _ListDataset(items, tf)
+        return items, None
     for sub in ([split] + (["val"] if split == "test" else [])):
         if (root_p / sub).is_dir():
-            from torchvision.datasets import ImageFolder
+            from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
             try:
-                return ImageFolder(str(root_p / sub), transform=tf)
+                classes, class_to_idx = find_classes(str(root_p / sub))
+                return make_dataset(str(root_p / sub), class_to_idx, extensions=IMG_EXTENSIONS), classes
             except (FileNotFoundError, RuntimeError) as exc:
                 raise SlimkitError(f"{root_p / sub}: {exc}") from None
     raise SlimkitError(f"{root} has neither lists/{csv_name}.csv nor a {split}/ (or val/) folder of class folders")
+
+
+def image_dir(root: str, input_shape: tuple[int, ...], split: str = "test", augment: str = "none",
+              resize: str | None = None, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+              workers: int = 0, cache: bool | None = None) -> Images:
+    """A split of a dataset directory as :class:`Images` of ``input_shape`` (3 channels: RGB).
+
+    Layouts: the Knowledge Evolution one (``lists/{trn,val,tst}.csv`` with ``file_name,label``),
+    or an ImageFolder tree (``test/`` or ``val/`` or ``train/`` holding one folder per class).
+    Images of any size are resized by ``resize`` (default :func:`resize_policy` of the input
+    size); grayscale, palette and RGBA images are read as RGB; 16-bit and float images are refused.
+    """
+    c, h, w = input_shape
+    items, classes = _scan(root, split)  # a missing directory is named before the channel count
+    if c != 3:
+        raise SlimkitError(f"image folders give RGB images; this network reads {c} channels")
+    return Images(items, (h, w), resolve_augment(augment, min(h, w)), resize or resize_policy(min(h, w)),
+                  tuple(mean), tuple(std), classes=classes, cache=cache, workers=workers)
+
+
+def check_same_classes(data: str, train, test) -> None:
+    """ImageFolder numbers each split's class folders on its own: the splits must have the same folders."""
+    tr_cls, te_cls = getattr(train, "classes", None), getattr(test, "classes", None)
+    if tr_cls is not None and te_cls is not None and tr_cls != te_cls:
+        only = sorted(set(te_cls) ^ set(tr_cls))
+        raise SlimkitError(f"{data}: the train and test splits have different class folders "
+                           f"({len(tr_cls)} vs {len(te_cls)}; e.g. {only[0]!r} is in only one), so their "
+                           "labels would not match; give both splits the same class folders")
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A TensorDataset of images in [-1, 1] (the bundled digits) with a per-item seeded torchvision preset."""
+
+    def __init__(self, base: TensorDataset, preset: str):
+        self.base, self.preset = base, preset
+        size = tuple(base.tensors[0].shape[-2:])
+        self.transform = _geometry(preset, size, size)
+        self.tensors = base.tensors  # labels_of reads these
+        self.workers = 0
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        x, y = self.base[i]
+        return _seeded(self.transform, x.add(1).div_(2), key).mul_(2).sub_(1), y  # transforms see [0, 1]
 
 
 def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = None,
@@ -135,7 +408,12 @@ def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = No
         seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
         ds = digits("test", image_size=h, in_chans=c, seed=seed)
     else:
-        ds = image_dir(data, input_shape, "test")
+        # the preprocessing the network was trained with; checkpoints from before it was recorded
+        # were trained and evaluated with ImageNet's resize margin and normalisation
+        pre = ((meta or {}).get("data") or {}).get("preprocess") or {"resize": "imagenet"}
+        ds = image_dir(data, input_shape, "test", resize=pre.get("resize", "imagenet"),
+                       mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)),
+                       workers=default_workers()).prepare()
     if num_classes is not None:
         folders = getattr(ds, "classes", None)
         if folders is not None and len(folders) != num_classes:
@@ -159,3 +437,58 @@ def labels_of(ds) -> torch.Tensor:
     if hasattr(ds, "items"):
         return torch.as_tensor([lab for _, lab in ds.items])
     raise TypeError(f"cannot read the labels of {type(ds).__name__}")
+
+
+class _EpochOrder(torch.utils.data.Sampler):
+    """The items of one epoch, in order, keyed with the epoch's seed; replaced every epoch (persistent workers)."""
+
+    def __init__(self, order: list[int], seed: int):
+        self.order, self.seed = order, seed
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter([(i, self.seed) for i in self.order])
+
+
+def epoch_loader(dataset: torch.utils.data.Dataset, batch_size: int, seed: int, device: str = "cpu"):
+    """The shuffled batches of one training epoch, the permutation drawn from ``seed``.
+
+    Plain in-memory datasets (the digits' TensorDataset) are read as they always were. Image sets
+    and augmented sets get their per-item work done in ``dataset.workers`` persistent loader
+    processes (pinned memory on CUDA); the order is the one ``shuffle=True`` would draw, and each
+    item's augmentation is seeded from (seed, item), so the result does not depend on the workers.
+    Under DDP every rank takes its shard of the same seeded permutation.
+    """
+    from torch.utils.data import DataLoader
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not isinstance(dataset, (Images, Augmented)):
+        if distributed:
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=False,
+                          generator=torch.Generator().manual_seed(seed))
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        order = list(DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False))
+    else:  # what RandomSampler draws with this generator
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    pin = str(device).startswith("cuda")
+    per_item_work = dataset.transform is not None or getattr(dataset, "pixels", True) is None
+    workers = int(getattr(dataset, "workers", 0)) if per_item_work else 0
+    if workers == 0:
+        return DataLoader(dataset, batch_size=batch_size, sampler=_EpochOrder(order, seed), pin_memory=pin)
+    key = (batch_size, pin, workers)
+    held = dataset.__dict__.get("_loader")
+    if held is None or held[0] != key:
+        sampler = _EpochOrder([], 0)
+        held = (key, DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                persistent_workers=True, pin_memory=pin), sampler)
+        dataset._loader = held
+    held[2].order, held[2].seed = order, seed
+    return held[1]

@@ -266,6 +266,9 @@ def export_onnx(
     model, spec = src.model, spec_of(src.model)
     shape = parse_input_shape(input_shape) if input_shape is not None else tuple(spec.input_shape)
     meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)
+    preprocess = (src.meta.get("data") or {}).get("preprocess")
+    if preprocess is not None:  # what the input must look like: resize policy and (x/255 - mean)/std
+        meta["slimkit.preprocess"] = json.dumps(preprocess)
     v = to_verified_onnx(model, shape, opset, fp16, fp16_io, meta, seed, verify_batch)
     atomic_write(out, lambda tmp: tmp.write_bytes(v.data), force=force)
     return ExportReport(

@@ -65,7 +65,7 @@ def test_ke_lists_layout_loads_labels_as_written(tmp_path):
 
     root = _ke_layout(tmp_path / "flw", {"trn": [("jpg/a.png", 0), ("jpg/b.png", 2), ("jpg/c.png", 1)],
                                          "tst": [("jpg/d.png", 1), ("jpg/e.png", 0)]})
-    train, test = image_dir(str(root), (3, 8, 8), "train", augment=True), image_dir(str(root), (3, 8, 8), "test")
+    train, test = image_dir(str(root), (3, 8, 8), "train", augment="crop-flip"), image_dir(str(root), (3, 8, 8), "test")
     assert labels_of(train).tolist() == [0, 2, 1] and labels_of(test).tolist() == [1, 0]
     x, y = train[1]
     assert x.shape == (3, 8, 8) and y == 2

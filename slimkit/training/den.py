@@ -50,13 +50,15 @@ class Task:
 
 
 def _tensors(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from slimkit.data import digits, image_dir
+    from slimkit.data import check_same_classes, default_workers, digits, image_dir
 
     if data == "digits":
         tr, te = digits("train", image_size=image_size), digits("test", image_size=image_size)
     else:
         shape = (3, image_size, image_size)  # image folders give RGB
-        tr, te = image_dir(data, shape, "train"), image_dir(data, shape, "test")
+        tr, te = (image_dir(data, shape, split, workers=default_workers()) for split in ("train", "test"))
+        check_same_classes(data, tr, te)
+        tr, te = tr.prepare(), te.prepare()
     xs, ys = [], []
     for ds in (tr, te):
         if isinstance(ds, TensorDataset):

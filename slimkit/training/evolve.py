@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimkit.data import check_workers, resolve_augment
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.graph import ChannelGraph, prunable_layers
@@ -29,7 +30,7 @@ from slimkit.surgery import apply_plan
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model, train_one_epoch
 from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import datasets, input_kwargs, num_classes_of, shift_augment
+from slimkit.training.runs import datasets, input_kwargs, num_classes_of
 
 __all__ = ["EvolveConfig", "evolve", "reinit_reset", "plot_generations"]
 
@@ -46,11 +47,13 @@ class EvolveConfig:
     image_size: int = 16  # digits are resized to this (small nets); torchvision nets use 224 data
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
     num_classes: int | None = None  # if given, the data must have exactly this many classes
+    augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        resolve_augment(self.augment, int(self.image_size))
         if self.split_mode not in ("kels", "wels"):
             raise SlimkitError(f"unknown split mode {self.split_mode!r}; available: kels, wels")
         self.split_rate = check_split_rate(self.split_rate)
@@ -94,24 +97,28 @@ def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
 
 
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
-           echo: Callable[[str], None] = print, device: str = "cpu",
+           echo: Callable[[str], None] = print, device: str = "cpu", workers: int | None = 0,
            _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) Knowledge Evolution; returns one record per generation.
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
-    evaluates and writes every file.
+    evaluates and writes every file. ``workers``: loader processes for image sets (None:
+    slimkit.data.default_workers()); results do not depend on it.
     """
+    workers = check_workers(workers)
     device = resolve_device(device)  # before the group: the chosen device picks its backend
     with process_group(device) as (rank, world):
         return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                       _stop_after_epochs, rank, world, device)
+                       _stop_after_epochs, rank, world, device, workers)
 
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
-            _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu") -> list[dict[str, Any]]:
+            _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu",
+            workers: int = 0) -> list[dict[str, Any]]:
     run = RunDir(out, "evolve", cfg.to_json(), resume, main=rank == 0).check()
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
-    train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed)
+    train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed,
+                           augment=cfg.augment, workers=workers)
     num_classes = num_classes_of(train, test, cfg.num_classes)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     run.begin()
@@ -121,7 +128,7 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     plan = kels_plan(graph, cfg.split_rate, cfg.round_to) if cfg.split_mode == "kels" else None
     masks = plan_masks(graph, plan) if plan is not None else wels_masks(model, cfg.split_rate, seed=cfg.train.seed)
     del graph
-    augment = shift_augment if cfg.data == "digits" else None
+    augment = train.batch_augment
     tc = cfg.train
 
     gen, epoch_done, opt_state = 1, 0, None
@@ -166,7 +173,8 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
             fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device)
         run.save_model(model, f"gen{gen}/last.pt", split=_split_meta(cfg),
                        metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
-                       data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0},
+                       data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+                             "preprocess": train.preprocess},
                        provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
         rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
                "seconds": time.perf_counter() - t0}

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from slimkit.data import epoch_loader
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import device_layout as _layout
 
@@ -78,16 +79,8 @@ def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimiz
     group with an ``lr_scale`` follows the schedule scaled by it.
     """
     seed = epoch_seed(cfg.seed, generation, epoch)
-    torch.manual_seed(seed)  # augmentation draws from the global generator
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # DDP: every rank draws the same seeded permutation and takes its own shard of it
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
-    else:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                            generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)  # batch augmentation draws from the global generator; per-item from (seed, item)
+    loader = epoch_loader(dataset, cfg.batch_size, seed, device)  # DDP: this rank's shard of the permutation
     loss_fn = _loss_fn(cfg.loss)
     pairs = _ClassPairs(dataset, seed) if cfg.loss == "cskd" else None
     model.train()

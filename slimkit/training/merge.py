@@ -26,7 +26,7 @@ from slimkit.evaluate import accuracy
 from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
 from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import StopAfter, datasets, num_classes_of, run_epochs, shift_augment
+from slimkit.training.runs import StopAfter, datasets, num_classes_of, run_epochs
 
 __all__ = ["MergeConfig", "merge", "ensemble_accuracy", "plot_gates"]
 
@@ -46,8 +46,13 @@ class MergeConfig:
     lambda_init: float = 1.0  # weight of the half-open penalty in the first gate epoch
     lambda_step: float = 1.0  # after every gate epoch: lambda += lambda_step * sqrt(lambda)
     eval_every: int = 1
+    augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
 
     def __post_init__(self):
+        from slimkit.data import AUGMENTS
+
+        if self.augment != "auto" and self.augment not in AUGMENTS:
+            raise SlimkitError(f"unknown --augment preset {self.augment!r}; available: auto, {', '.join(AUGMENTS)}")
         for name in ("gate", "finetune"):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, TrainConfig(**getattr(self, name)))
@@ -100,17 +105,23 @@ def _read_teachers(paths: list[str | Path], arch: str | None, num_classes: int |
 
 def merge(cfg: MergeConfig, teachers: list[str | Path], out: str | Path, resume: bool = False,
           arch: str | None = None, num_classes: int | None = None, progress: bool = True,
-          echo: Callable[[str], None] = print, device: str = "cpu",
+          echo: Callable[[str], None] = print, device: str = "cpu", workers: int | None = 0,
           _stop_after_epochs: int | None = None) -> dict[str, Any]:
-    """Run (or resume) a merge; returns the summary record (accuracies and parameter counts)."""
+    """Run (or resume) a merge; returns the summary record (accuracies and parameter counts).
+
+    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
+    from slimkit.data import check_workers
+
+    workers = check_workers(workers)
     device = resolve_device(device)  # before the group: the chosen device picks its backend
     with process_group(device) as (rank, world):
         return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world, device)
+                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world, device,
+                      workers)
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
-           stop: StopAfter, rank: int, world: int, device: str) -> dict[str, Any]:
+           stop: StopAfter, rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
     from slimkit.merge import GatedStudent, compress, concat_teachers
 
     loaded = _read_teachers(paths, arch, num_classes)
@@ -123,13 +134,13 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     run = RunDir(out, "merge", config, resume, main=rank == 0).check()
     spec = ta.slimkit_spec
     c, h = spec.input_shape[0], spec.input_shape[1]
-    train_ds, test = datasets(cfg.data, c, h, cfg.train_per_class, cfg.subset_seed)
+    train_ds, test = datasets(cfg.data, c, h, cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
     classes = num_classes_of(train_ds, test)
     if spec.args.get("num_classes") != classes:
         raise SlimkitError(f"the teachers have {spec.args.get('num_classes')} classes but {cfg.data} has {classes}")
     barrier(world)
     run.begin()
-    augment = shift_augment if cfg.data == "digits" else None
+    augment = train_ds.batch_augment
 
     if run.state is None and run.main:  # a new run, or one stopped before its first state: start from the teachers
         for m in (ta, tb, big):
@@ -219,7 +230,8 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         return {}
     acc = accuracy(student, test, device=device)
     run.save_model(student, "last.pt", metrics={"test_acc": acc},
-                   data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0},
+                   data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0,
+                         "preprocess": train_ds.preprocess},
                    provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
     summary = _summary(run, cfg, spec.arch, run.records(), acc, _params(student))
     echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "

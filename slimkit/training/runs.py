@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from slimkit.data import labels_of
 from slimkit.errors import SlimkitError
@@ -18,25 +18,40 @@ __all__ = ["datasets", "per_class_subset", "shift_augment", "input_kwargs", "Sto
 
 
 def datasets(data: str, in_chans: int, image_size: int, train_per_class: int | None = None,
-             subset_seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, test) for "digits" (bundled) or a dataset directory (ImageFolder or KE lists)."""
-    from slimkit.data import digits, image_dir
+             subset_seed: int = 0, augment: str = "auto", workers: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, test) for "digits" (bundled) or a dataset directory (ImageFolder or KE lists).
 
+    ``augment`` is a preset of :data:`slimkit.data.AUGMENTS` (or auto) for the training split. The
+    training split carries ``preprocess`` (what checkpoints record) and ``batch_augment`` (the
+    digits' own batch shift, or None when the items are augmented one by one).
+    """
+    from slimkit.data import (DIGITS_MEAN, DIGITS_STD, Augmented, check_same_classes, digits, image_dir,
+                              preprocess_meta, resolve_augment)
+
+    preset = resolve_augment(augment, image_size)
+    batch_aug = None
     if data == "digits":
         train = digits("train", image_size=image_size, in_chans=in_chans, seed=0)
         test = digits("test", image_size=image_size, in_chans=in_chans, seed=0)
+        if train_per_class is not None:
+            train = per_class_subset(train, train_per_class, subset_seed)
+        if preset == "shift":
+            batch_aug = shift_augment  # the digits' own shift (a batch rolled together), as every recorded result
+        elif preset != "none":
+            x, y = (train.dataset.tensors if isinstance(train, Subset) else train.tensors)
+            pick = torch.as_tensor(train.indices) if isinstance(train, Subset) else torch.arange(len(y))
+            train = Augmented(TensorDataset(x[pick], y[pick]), preset)
+            train.workers = workers
+        train.preprocess = preprocess_meta(preset, "bilinear", DIGITS_MEAN * in_chans, DIGITS_STD * in_chans)
     else:
         shape = (in_chans, image_size, image_size)
-        train, test = image_dir(data, shape, "train", augment=True), image_dir(data, shape, "test")
-        tr_cls, te_cls = getattr(train, "classes", None), getattr(test, "classes", None)
-        if tr_cls is not None and te_cls is not None and tr_cls != te_cls:
-            # ImageFolder numbers each split's class folders on its own: they must be the same folders
-            only = sorted(set(te_cls) ^ set(tr_cls))
-            raise SlimkitError(f"{data}: the train and test splits have different class folders "
-                               f"({len(tr_cls)} vs {len(te_cls)}; e.g. {only[0]!r} is in only one), so their "
-                               "labels would not match; give both splits the same class folders")
-    if train_per_class is not None:
-        train = per_class_subset(train, train_per_class, subset_seed)
+        train = image_dir(data, shape, "train", augment=preset, workers=workers)
+        test = image_dir(data, shape, "test", workers=workers)
+        check_same_classes(data, train, test)
+        if train_per_class is not None:
+            train = per_class_subset(train, train_per_class, subset_seed)
+        train, test = train.prepare(), test.prepare()  # every file read (and cached) before anything is written
+    train.batch_augment = batch_aug
     return train, test
 
 
@@ -55,15 +70,15 @@ def num_classes_of(train: Dataset, test: Dataset, expected: int | None = None) -
     return n
 
 
-def per_class_subset(ds: Dataset, k: int, seed: int) -> Subset:
-    """A seeded subset with at most ``k`` items of every class."""
+def per_class_subset(ds: Dataset, k: int, seed: int) -> Dataset:
+    """A seeded subset with at most ``k`` items of every class (image sets keep their decoded pixels)."""
     labels = labels_of(ds)
     g = torch.Generator().manual_seed(seed)
     idx = []
     for c in labels.unique():
         members = torch.nonzero(labels == c).flatten()
         idx += members[torch.randperm(len(members), generator=g)[:k]].tolist()
-    return Subset(ds, sorted(idx))
+    return ds.subset(sorted(idx)) if hasattr(ds, "subset") else Subset(ds, sorted(idx))
 
 
 def shift_augment(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from slimkit.data import check_workers, resolve_augment
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
 from slimkit.cost import count_params
@@ -18,7 +19,7 @@ from slimkit.models import create_model, input_shape_of
 from slimkit.training.loop import TrainConfig, make_optimizer, prepare_model
 from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.training.rundir import RunDir
-from slimkit.training.runs import StopAfter, datasets, input_kwargs, num_classes_of, run_epochs, shift_augment
+from slimkit.training.runs import StopAfter, datasets, input_kwargs, num_classes_of, run_epochs
 
 __all__ = ["TrainRunConfig", "train", "plot_curves"]
 
@@ -32,6 +33,7 @@ class TrainRunConfig:
     subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
     num_classes: int | None = None  # if given, the data must have exactly this many classes
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
+    augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -43,29 +45,32 @@ class TrainRunConfig:
             raise SlimkitError(f"eval_every must be a positive integer, got {self.eval_every!r}")
         if int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
+        resolve_augment(self.augment, int(self.image_size))
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = print, device: str = "cpu",
+          echo: Callable[[str], None] = print, device: str = "cpu", workers: int | None = 0,
           _stop_after_epochs: int | None = None) -> dict[str, Any]:
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
-    ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last."""
+    ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
+    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
+    workers = check_workers(workers)
     device = resolve_device(device)  # before the group: the chosen device picks its backend
     with process_group(device) as (rank, world):
         return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                      StopAfter(_stop_after_epochs), rank, world, device)
+                      StopAfter(_stop_after_epochs), rank, world, device, workers)
 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
-           rank: int, world: int, device: str) -> dict[str, Any]:
+           rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
     run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0).check()
     kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
     shape = input_shape_of(cfg.arch, **kwargs)
-    train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed)
+    train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
     model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
@@ -82,14 +87,15 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
     finished = run_epochs(
         net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
         run=run, progress=progress, eval_every=cfg.eval_every,
-        augment=shift_augment if cfg.data == "digits" else None, stop=stop, device=device,
+        augment=train_ds.batch_augment, stop=stop, device=device,
         state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
     if not finished or not run.main:
         return {}
     acc = accuracy(model, test, device=device)
     run.save_model(model, "last.pt", metrics={"test_acc": acc, "epochs": cfg.train.epochs},
                    data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
-                         "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed},
+                         "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed,
+                         "preprocess": train_ds.preprocess},
                    provenance={"recipe": "slimkit train", "config": cfg.to_json()})
     params = count_params(model)
     run.write_text("summary.md",
