@@ -15,7 +15,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError, one_line
 
-__all__ = ["Member", "CoupledGroup", "ChannelGraph", "prunable_layers"]
+__all__ = ["Member", "CoupledGroup", "ChannelGraph", "prunable_layers", "is_grouped"]
 
 _PRUNABLE = (nn.Conv2d, nn.Linear)
 
@@ -58,6 +58,11 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def is_grouped(m: nn.Module) -> bool:
+    """A grouped (not depthwise) conv: ``groups`` blocks of C_in/g inputs -> C_out/g outputs each."""
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
+
+
 class ChannelGraph:
     """The traced coupling of ``model``; valid until the model's shapes change (``refresh`` after)."""
 
@@ -68,11 +73,15 @@ class ChannelGraph:
         self.input_shape = tuple(input_shape)
         self.layers = prunable_layers(model)
         for name, m in self.layers.items():
-            if isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m):
+            if is_grouped(m) and m.groups == m.out_channels:
+                # torch-pruning would couple its inputs to its outputs one to one, which they are not
                 raise SlimkitError(
-                    f"layer {name}: grouped convolution (groups={m.groups}) is not supported; "
-                    "only dense and depthwise convolutions can be cut exactly"
+                    f"layer {name}: grouped convolution with one output per group ({m.in_channels} -> "
+                    f"{m.out_channels}, groups={m.groups}) cannot be cut exactly"
                 )
+        from slimkit.constructs import check_constructs
+
+        check_constructs(model, self.input_shape)  # refuse what no rule covers before tracing
         was_training = model.training
         model.eval()  # tracing runs a forward: never let it move BN running statistics
         try:  # torch-pruning traces through autograd, so it must run even under a caller's no_grad
@@ -98,20 +107,42 @@ class ChannelGraph:
             pruner = dg.get_pruner_of_module(m)
             size = pruner.get_out_channels(m)
             group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(size)))
-            producers, consumers = {}, {}
+            producers: dict[str, set] = {}
+            consumers: dict[str, set] = {}
             for item in group:
                 dep, target = item.dep, item.dep.target.module
                 tname = self._names.get(target)
                 if tname is None:
                     continue  # BN, activations, pooling: they follow their channels
-                pair = (tuple(int(i) for i in item.idxs), tuple(int(i) for i in item.root_idxs))
+                pairs = zip((int(i) for i in item.idxs), (int(i) for i in item.root_idxs))
                 if dg.is_out_channel_pruning_fn(dep.handler):
-                    producers[tname] = Member(tname, *pair)
+                    producers.setdefault(tname, set()).update(pairs)
                 elif dg.is_in_channel_pruning_fn(dep.handler) and not _is_depthwise(target):
                     # a depthwise conv reads one channel per filter: it is a producer, not a consumer
-                    consumers[tname] = Member(tname, *pair)
+                    consumers.setdefault(tname, set()).update(pairs)
+            producers = {n: self._member(n, p, out=True) for n, p in producers.items()}
+            consumers = {n: self._member(n, p, out=False) for n, p in consumers.items()}
             seen.update(producers)
             yield CoupledGroup(name, size, tuple(producers.values()), tuple(consumers.values()))
+
+    def _member(self, name: str, pairs: set[tuple[int, int]], out: bool) -> Member:
+        """One layer's (local, root) channel pairs, checked against its real width.
+
+        torch-pruning maps channels through splits and slices; where it cannot (a split joined back
+        by an add, a partial-channel residual), it reports channels a layer does not have, and a
+        cut would be wrong: refuse, naming the layer.
+        """
+        m = self.layers[name]
+        width = (m.out_channels if out else m.in_channels) if isinstance(m, nn.Conv2d) else \
+            (m.out_features if out else m.in_features)
+        pairs = sorted(pairs, key=lambda t: (t[1], t[0]))
+        if any(loc >= width for loc, _ in pairs):
+            raise SlimkitError(
+                f"layer {name}: channel split or slice (torch.split/chunk, x[:, a:b]) joined back by an add or "
+                f"concatenation: the traced coupling names channel {max(l for l, _ in pairs)} of its {width}; "
+                "slimkit cannot cut this network exactly"
+            )
+        return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
     def prune_group(self, group: CoupledGroup, drop_root: list[int]) -> None:
         """Physically remove root channels ``drop_root`` of ``group`` and everything coupled to them."""
