@@ -192,8 +192,7 @@ def _load_weights(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], wha
 
 def _classifier_classes(arch: str, sd: dict[str, torch.Tensor], model_args: dict[str, Any]) -> int:
     """Infer the class count: the last conv/linear layer of the architecture is its classifier."""
-    with torch.device("meta"):  # only the layer names matter: no memory, no init time
-        probe = create_model(arch, **model_args)
+    probe = create_model(arch, **model_args)
     last = list(prunable_layers(probe))[-1]
     w = sd.get(last + ".weight")
     if w is None:

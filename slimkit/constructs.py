@@ -168,24 +168,25 @@ def _check_loose_parameters(model: nn.Module) -> None:
 
 
 def _run(model: nn.Module, input_shape: tuple[int, ...], scan: _Scan) -> None:
-    """One forward under the scan: on meta tensors when the model allows it, else a real one."""
+    """One forward at batch 1 under the scan: on meta tensors (shapes only, no compute) when the model
+    allows it, else a real one (data-dependent code such as ``.item()`` cannot run on meta)."""
     from torch.func import functional_call
 
     state = {k: torch.empty_like(v, device="meta") for k, v in
              list(model.named_parameters()) + list(model.named_buffers())}
-    scan.params = {id(v) for v in state.values()}
+    scan.params = {id(v) for k, v in state.items() if k in dict(model.named_parameters())}
     try:
         with torch.inference_mode(False), torch.no_grad(), scan:
             functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),), strict=False)
         return
     except Exception:
-        pass  # data-dependent code (e.g. .item()) cannot run on meta tensors: run a real forward
+        if scan.found or all(v.is_meta for v in model.parameters()):
+            return  # what was seen is reason enough / a meta model has no real forward to fall back to
     scan.stack.clear()
     scan.modules.clear()
-    scan.found.clear()
     scan.params = {id(v) for v in model.parameters()}
     try:
         with torch.inference_mode(False), torch.no_grad(), scan:
             model(torch.zeros(1, *input_shape))
     except Exception:
-        pass  # the tracer will report the failure with its own message
+        pass  # what was seen is kept; the tracer reports the failure with its own message

@@ -7,6 +7,7 @@ consumers each output channel feeds (through BN, pooling, flatten, cat). Choosin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Iterator
 
@@ -63,6 +64,19 @@ def is_grouped(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and not _is_depthwise(m)
 
 
+@contextlib.contextmanager
+def _mapping_frozen():
+    """Skip torch-pruning's index-mapping refresh while the network's shapes do not change."""
+    from torch_pruning.dependency import index_mapping
+
+    real = index_mapping.update_index_mapping
+    index_mapping.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        index_mapping.update_index_mapping = real
+
+
 class ChannelGraph:
     """The traced coupling of ``model``; valid until the model's shapes change (``refresh`` after)."""
 
@@ -96,7 +110,8 @@ class ChannelGraph:
         finally:
             model.train(was_training)
         self._names = {m: n for n, m in self.layers.items()}
-        self.groups = list(self._build_groups())
+        with _mapping_frozen():  # nothing changes shape while the groups are read
+            self.groups = list(self._build_groups())
         self.group_of = {p.name: g for g in self.groups for p in g.producers}
 
     def _build_groups(self) -> Iterator[CoupledGroup]:
@@ -143,6 +158,31 @@ class ChannelGraph:
                 "slimkit cannot cut this network exactly"
             )
         return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+
+    def prune_groups(self, drops: list[tuple[CoupledGroup, list[int]]]) -> None:
+        """Physically remove root channels of several groups at once.
+
+        torch-pruning recomputes every concatenation's index mapping before each group (seconds on a
+        DenseNet) because pruning one group shifts the offsets another sees. Here every group is read
+        in the unpruned network's index space first, the channels each (layer, operation) loses are
+        merged, and each layer is cut once: no offset can go stale, and the mapping is computed once.
+        """
+        todo: dict[tuple[int, object], tuple[object, set[int]]] = {}
+        with _mapping_frozen():
+            for group, drop in drops:
+                if not drop:
+                    continue
+                root = self.layers[group.root]
+                pruner = self.dg.get_pruner_of_module(root)
+                for item in self.dg.get_pruning_group(root, pruner.prune_out_channels, sorted(drop)):
+                    dep = item.dep
+                    key = (id(dep.target.module), getattr(dep.handler, "__func__", dep.handler))
+                    todo.setdefault(key, (dep, set()))[1].update(getattr(i, "idx", i) for i in item.idxs)
+        for dep, idxs in todo.values():
+            if not isinstance(dep.target.module, nn.Module):
+                raise SlimkitError(f"a bare parameter ({tuple(dep.target.module.shape)}) follows the cut channels; "
+                                   "slimkit cannot cut this network exactly")
+            dep(sorted(int(i) for i in idxs))
 
     def prune_group(self, group: CoupledGroup, drop_root: list[int]) -> None:
         """Physically remove root channels ``drop_root`` of ``group`` and everything coupled to them."""

@@ -244,7 +244,7 @@ def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
         if not drop:
             continue
         for p in g.producers:
-            masks[p.name][[loc for loc, r in zip(p.local, p.root) if r in drop]] = False
+            masks[p.name].index_fill_(0, _index([loc for loc, r in zip(p.local, p.root) if r in drop]), False)
         for c in g.consumers:
             dropped = [loc for loc, r in zip(c.local, c.root) if r in drop]
             m = graph.layers[c.name]
@@ -254,8 +254,13 @@ def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
                     j = i // per_in
                     masks[c.name][j * per_out:(j + 1) * per_out, i % per_in] = False
             else:
-                masks[c.name][:, dropped] = False
+                masks[c.name].index_fill_(1, _index(dropped), False)
     return masks
+
+
+def _index(idxs: list[int]) -> torch.Tensor:
+    # a tensor index: torch inspects a long Python list element by element (milliseconds each)
+    return torch.tensor(idxs, dtype=torch.long)
 
 
 def wels_masks(model: nn.Module, split_rate: float, seed: int = 0) -> dict[str, torch.Tensor]:

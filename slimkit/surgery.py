@@ -36,9 +36,7 @@ def cut(graph: ChannelGraph, plan: KeepPlan) -> nn.Module:
         raise SlimkitError(f"plan names layer {untraced[0]}, which the forward pass never uses; it cannot be cut")
     grouped = grouped_keeps(graph, plan)  # refuses before anything is cut
     weights = {n: graph.layers[n].weight.detach().clone() for n in grouped}
-    for group, drop in verdicts:
-        if drop:
-            graph.prune_group(group, drop)
+    graph.prune_groups(verdicts)
     # torch-pruning cuts a grouped conv's input channels as if it were dense; cut its weight here:
     # (C_out, C_in/g, kh, kw) -> kept outputs x the kept positions every group keeps
     for name, (out_idx, in_pos) in grouped.items():
