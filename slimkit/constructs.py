@@ -1,11 +1,13 @@
 """Constructs slimkit has no exact cutting rule for, found before any heavy work.
 
 One forward pass on meta tensors (no memory, no compute; a real forward when the model cannot run
-on meta) watches the operations each module performs. Attention (matmul of two activations,
-scaled-dot-product attention), channel shuffle (a 5-D view of the channels followed by a transpose),
-normalisation over the channel axis with LayerNorm/GroupNorm and per-channel scale parameters outside
-conv/BN (layer scale) have no KELS rule that keeps slim == masked, so the model is refused in one line
-naming the layer and the construct, instead of being traced for minutes or cut wrongly.
+on meta) watches the operations each module performs. Attention (a product of two activations,
+scaled-dot-product attention), channels reshaped into groups (channel shuffle, split attention),
+channel splits, normalisation over channels (LayerNorm, GroupNorm with several channels per group),
+weight standardisation, functional convolutions, and per-channel parameters outside conv/BN (layer
+scale) have no rule that keeps slim == masked here, so the model is refused in one line naming the
+layer (the module whose forward did it) and the construct, instead of being traced for minutes
+(ViT, MaxViT) or cut wrongly (ConvNeXt, SKNet). Attention is reported first when present.
 """
 from __future__ import annotations
 
@@ -43,8 +45,7 @@ class _Scan(TorchFunctionMode):
         self.stack: list[str] = []
         self.modules: list[nn.Module] = []
         self.found: list[Refusal] = []  # every construct without a rule, in forward order
-        self.params: set[int] = set()
-        self.shuffle_views: set[int] = set()  # ids of 5-D views that split the channel axis
+        self.params: set[int] = set()  # ids of parameter tensors: a product with one is a layer, not attention
 
     def _where(self) -> str:
         return self.stack[-1] if self.stack else ""
@@ -161,7 +162,7 @@ def _check_loose_parameters(model: nn.Module) -> None:
             raise SlimkitError(f"layer {owner}: {type(mod).__name__} with an extra parameter {leaf} of shape "
                                f"{list(p.shape)} (e.g. a scaled weight-standardised conv) has no exact cutting rule; "
                                "slimkit cannot cut this network exactly")
-        if not isinstance(mod, allowed) and p.dim() >= 1:
+        if not isinstance(mod, allowed) and p.numel() > 1:  # a scalar scale/shift treats every channel alike
             raise SlimkitError(f"layer {owner or '(model)'}: parameter {name.rpartition('.')[2]} of shape "
                                f"{list(p.shape)} outside conv/linear/BN layers (e.g. layer scale) has no exact "
                                "cutting rule; slimkit cannot cut this network exactly")
@@ -172,9 +173,9 @@ def _run(model: nn.Module, input_shape: tuple[int, ...], scan: _Scan) -> None:
     allows it, else a real one (data-dependent code such as ``.item()`` cannot run on meta)."""
     from torch.func import functional_call
 
-    state = {k: torch.empty_like(v, device="meta") for k, v in
-             list(model.named_parameters()) + list(model.named_buffers())}
-    scan.params = {id(v) for k, v in state.items() if k in dict(model.named_parameters())}
+    params = {k: torch.empty_like(v, device="meta") for k, v in model.named_parameters()}
+    state = {**params, **{k: torch.empty_like(v, device="meta") for k, v in model.named_buffers()}}
+    scan.params = {id(v) for v in params.values()}
     try:
         with torch.inference_mode(False), torch.no_grad(), scan:
             functional_call(model, state, (torch.zeros(1, *input_shape, device="meta"),), strict=False)
