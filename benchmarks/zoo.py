@@ -1,7 +1,7 @@
 """The zoo table: every torchvision classifier and 40+ timm CNN families through `extract`'s path.
 
     .venv/bin/python benchmarks/zoo.py                       # the whole table, 3x64x64 inputs
-    .venv/bin/python benchmarks/zoo.py --size 224 --models resnet50,efficientnet_b0 --tag 224
+    .venv/bin/python benchmarks/zoo.py --size 224 --max-params 25.6e6 --tag 224   # up to ResNet-50 size
 
 For each model: built on the meta device first (a refusal needs no weights: its reason and time to
 refusal are recorded), otherwise with random weights and random BN statistics, then the KELS fit
@@ -59,7 +59,7 @@ def one(name: str, size: int, max_params: float) -> dict:
     row = {"model": name, "input": list(shape)}
     try:
         with torch.device("meta"):
-            meta = slimkit.create_model(name, input_shape=shape, **args)
+            meta = slimkit.create_model(name, **args)
     except SlimkitError:  # a constructor that copies data (torchvision's RegNet) cannot run on meta
         meta = slimkit.create_model(name, input_shape=shape, **args)
     n_params = sum(p.numel() for p in meta.parameters())
@@ -67,7 +67,8 @@ def one(name: str, size: int, max_params: float) -> dict:
     t = time.perf_counter()
     try:
         if any(p.is_meta for p in meta.parameters()):
-            ChannelGraph(meta, shape)
+            # at the model's own input size: a ViT cannot even run at 64x64, so its attention would go unseen
+            ChannelGraph(meta, meta.slimkit_spec.input_shape)
     except SlimkitError as exc:
         if "meta" not in str(exc):  # tracing itself runs on CPU tensors: a meta model cannot be traced
             row.update(outcome="refused", reason=str(exc), refuse_seconds=time.perf_counter() - t)
@@ -124,7 +125,7 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     (RESULTS / f"zoo{suffix}.json").write_text(json.dumps({"env": env, "size": args.size, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"zoo{suffix}.md").write_text(_markdown(rows, env, args.size))
-    if not args.models:
+    if not args.models and not args.tag:
         outcomes = {r["model"]: ("yes" if r["outcome"].startswith("cut") else "refused: " + _short(r["reason"]))
                     for r in rows}
         (ROOT / "slimkit" / "_data" / "zoo.json").write_text(json.dumps(outcomes, indent=1, sort_keys=True) + "\n")
@@ -146,7 +147,7 @@ def _markdown(rows: list[dict], env: dict, size: int) -> str:
         "weights and BN statistics. "
         f"CPU: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['torch_threads']} threads)"
         + (f", timm {env['timm']}" if "timm" in env else "") + ". The machine was shared with other jobs: times are "
-        "upper bounds. Reproduce: `.venv/bin/python benchmarks/zoo.py` (and `--size 224 --models ... --tag 224`).",
+        "upper bounds. Reproduce: `.venv/bin/python benchmarks/zoo.py` (and `--size 224 --max-params 25.6e6 --tag 224` for zoo_224.md).",
         "",
         "Time = `fit_hypothesis`: construct scan, trace, KELS plan, masks, cut, and the verifying forward of slim and "
         "masked dense at batch 2 (what `slimkit extract` does after reading the file), in a warm process. Refusal "
