@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml tools/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c tools/constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c tools/constraints.txt -e '.[test,timm]'
 	touch $@
 
 demo: venv

@@ -34,7 +34,7 @@ from torch import nn
 from slimkit.errors import SlimkitError, one_line
 from slimkit.fileio import atomic_write, sha256_of
 from slimkit.graph import ChannelGraph, prunable_layers
-from slimkit.models import ModelSpec, create_model, list_models, spec_of
+from slimkit.models import ModelSpec, create_model, is_import_path, list_models, model_params, spec_of
 from slimkit.plan import KeepPlan
 from slimkit.surgery import cut, plans_of
 
@@ -106,9 +106,11 @@ def state_dict_bytes(model: nn.Module, **meta: Any) -> int:
 
 
 def load(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-         model_args: dict[str, Any] | None = None, plain_only: bool = False) -> nn.Module:
+         model_args: dict[str, Any] | None = None, plain_only: bool = False,
+         input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """The network in ``path`` in eval mode (see :func:`read` for the accepted formats)."""
-    return read(path, arch=arch, num_classes=num_classes, model_args=model_args, plain_only=plain_only).model
+    return read(path, arch=arch, num_classes=num_classes, model_args=model_args, plain_only=plain_only,
+                input_shape=input_shape).model
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -219,7 +221,8 @@ def _check_user_arch(path: Path, file_arch: str, arch: str | None, file_classes:
 
 
 def read(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-         model_args: dict[str, Any] | None = None, plain_only: bool = False) -> Loaded:
+         model_args: dict[str, Any] | None = None, plain_only: bool = False,
+         input_shape: tuple[int, ...] | None = None) -> Loaded:
     """Load any checkpoint slimkit understands into a fresh network in eval mode.
 
     ``arch``/``num_classes`` are needed only for plain state_dicts (classes are inferred from the
@@ -227,15 +230,20 @@ def read(path: str | Path, arch: str | None = None, num_classes: int | None = No
     are further constructor arguments of a plain state_dict's or KE file's network (e.g.
     ``{"depth": 56}`` for cifar_resnet); a slimkit checkpoint must agree with any given, unless
     ``plain_only`` says they are meant for plain state_dicts only (bench: one set of flags for
-    several files), in which case self-describing files ignore them.
+    several files), in which case self-describing files ignore them. ``input_shape`` (C, H, W) is the
+    input of a plain state_dict's network when its source's default does not fit (a slimkit
+    checkpoint records its own).
+
+    A slimkit checkpoint whose source is an import path (``package.module:callable``) is rebuilt only
+    when ``arch`` names that same path: loading a file never imports code the caller did not name.
     """
     # parameters built under a caller's inference_mode could never be traced or trained
     with torch.inference_mode(False):
-        return _read(Path(path), arch, num_classes, dict(model_args or {}), plain_only)
+        return _read(Path(path), arch, num_classes, dict(model_args or {}), plain_only, input_shape)
 
 
 def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dict[str, Any],
-          plain_only: bool = False) -> Loaded:
+          plain_only: bool = False, input_shape: tuple[int, ...] | None = None) -> Loaded:
     if "num_classes" in model_args:
         raise SlimkitError("give the class count with --num-classes, not --model-args")
     data = _read_bytes(path)
@@ -253,9 +261,12 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
             concat = int(obj.get("concat", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
+        if is_import_path(spec.arch) and arch != spec.arch:
+            raise SlimkitError(f"{path} was built by the import path {spec.arch!r}; slimkit imports code only when "
+                               f"you name it: pass --arch {spec.arch} to allow it")
         if not plain_only:
             _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
-        model = create_model(spec.arch, **spec.args)
+        model = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
         if concat == 2:  # a merged big student: two copies side by side (merge.py)
             from slimkit.merge import widen
 
@@ -286,11 +297,13 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
                 f"{path} is a plain state_dict, which does not say its architecture; pass --arch "
                 f"(one of: {', '.join(list_models())}) and --num-classes"
             )
-        if num_classes is None:
+        if num_classes is None and "num_classes" in model_params(arch):
             num_classes = _classifier_classes(arch, sd, model_args)
         kind, meta = "state_dict", {}
-    model = create_model(arch, num_classes=num_classes, **model_args)
-    built = ", ".join(f"{k}={v!r}" for k, v in {"num_classes": num_classes, **model_args}.items())
+    takes_classes = "num_classes" in model_params(arch)
+    classes = {"num_classes": num_classes} if takes_classes else {}
+    model = create_model(arch, input_shape=input_shape, **classes, **model_args)
+    built = ", ".join(f"{k}={v!r}" for k, v in {**classes, **model_args}.items())
     _load_weights(path, model, sd, f"{arch}({built})")
     if masks:
         layers = prunable_layers(model)

@@ -93,6 +93,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     report = extract(
         args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
         num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
+        input_shape=args.input_shape,
     )
     print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
     return 0
@@ -267,21 +268,47 @@ def _fail(verb: str, msg: str) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from slimkit.models import list_models, model_signature
+    from slimkit.models import list_sources, zoo_outcomes
 
-    for family in ("torchvision", "small"):
-        print(f"{family}:")
-        for name in list_models(family):
-            print(f"  {model_signature(name)}")
-    print("\nA plain state_dict needs --arch, and --model-args for any argument other than num_classes that "
-          "differs from these defaults.")
+    outcomes = zoo_outcomes()
+    rows = list_sources(args.filter)
+    if not rows:
+        return _fail("models", f"no model source matches {args.filter!r}")
+    for name, kind in rows:
+        print(_model_row(name, kind, outcomes))
+    print(f"\n{len(rows)} sources. Also: --arch package.module:callable (your own model class or function). "
+          "A plain state_dict needs --arch, and --model-args for any argument other than num_classes that "
+          "differs from these defaults; 'cut' is the zoo test's outcome (benchmarks/results/zoo.md).")
     return 0
+
+
+def _model_row(name: str, kind: str, outcomes: dict) -> str:
+    """``kind  name(args)  CxHxW  cut: yes|refused (why)|untested``; a source that cannot load says why."""
+    from slimkit.errors import SlimkitError
+    from slimkit.models import input_shape_of, model_signature
+
+    try:
+        sig, shape = model_signature(name), "x".join(map(str, input_shape_of(name)))
+    except SlimkitError as exc:
+        sig, shape = name, f"({exc})"
+    return f"{kind:11}  {sig}  {shape}  cut: {outcomes.get(name, 'untested')}"
+
+
+def _input_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be C,H,W integers like 3,64,64, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"must be three positive integers C,H,W, got {text!r}")
+    return shape
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
     """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
     p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
-    p.add_argument("--arch", help="architecture of a plain state_dict (see `slimkit models`)")
+    p.add_argument("--arch", help="model source of a plain state_dict: a built-in or torchvision name, timm/NAME, or "
+                   "package.module:callable (see `slimkit models`); also allows a checkpoint built by that import path")
     p.add_argument("--num-classes", type=_positive_int, help="classes of a plain state_dict (inferred when omitted)")
     p.add_argument("--model-args", type=_model_args,
                    help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
@@ -357,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", help="where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
     e.add_argument("--force", action="store_true", help="overwrite an existing output")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--input-shape", type=_input_shape,
+                   help="C,H,W input of a plain state_dict's network (default: the model source's, e.g. a timm "
+                   "model's config); a slimkit checkpoint records its own")
     e.set_defaults(func=_cmd_extract)
 
     x = sub.add_parser(
@@ -496,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(same settings)")
     d.set_defaults(func=_cmd_den)
 
-    m = sub.add_parser("models", help="list the architectures slimkit can build")
+    m = sub.add_parser("models", help="list the model sources slimkit can build, with arguments, input and cut status")
+    m.add_argument("--filter", help="only names containing this text (e.g. efficientnet, timm/resnet)")
     m.set_defaults(func=_cmd_models)
     return p
 

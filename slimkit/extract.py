@@ -170,11 +170,13 @@ def extract(
     force: bool = False,
     seed: int = 0,
     verify_batch: int = 2,
+    input_shape: tuple[int, ...] | None = None,
 ) -> ExtractReport:
     """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
 
     For an official Knowledge Evolution checkpoint the masks in the file define the split and
-    ``split_rate`` may be omitted (when given, it must agree with them).
+    ``split_rate`` may be omitted (when given, it must agree with them). ``input_shape`` (C, H, W)
+    overrides the default input of a plain state_dict's model source (e.g. a timm model's config).
     """
     t0 = time.perf_counter()
     ckpt = Path(ckpt)
@@ -186,7 +188,7 @@ def extract(
         raise SlimkitError(f"no such file: {ckpt}")
     check_output(out, force, inputs=(ckpt,))
 
-    src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
+    src = read(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape)
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from slimkit.errors import SlimkitError
-from slimkit.graph import ChannelGraph, CoupledGroup, prunable_layers
+from slimkit.graph import ChannelGraph, CoupledGroup, is_grouped, prunable_layers
 
 __all__ = [
     "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "plan_masks", "wels_masks",
-    "plan_from_masks", "apply_masks",
+    "plan_from_masks", "apply_masks", "grouped_keeps",
 ]
 
 
@@ -137,10 +137,98 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
     for g in graph.groups:
         if g.is_output:
             continue
-        for p in g.producers:
-            keep[p.name] = tuple(range(kels_count(len(p.local), sr, round_to)))
+        kept = _kept_roots(graph, g, sr, round_to)
+        for p in g.producers:  # a layer split across groups (MixNet's mixed convs) keeps its share of each
+            keep.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in kept)
+    keep = {n: tuple(sorted(k)) for n, k in keep.items()}
     origin = f"kels split_rate={sr:g}" + (f" round_to={round_to}" if round_to > 1 else "")
     return KeepPlan(keep, origin=origin)
+
+
+def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
+    """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels.
+
+    With one producer spanning the group that is the paper's rule, the first ceil(sr*C). A group can
+    tie a layer to only part of another's channels (a split or slice joined by an add or a
+    concatenation: CSP, GhostNet, ReXNet, MixNet); then the root space is cut into segments at every
+    member's boundaries, and a prefix of each segment is a prefix of every member's share, so all
+    coupled layers agree. Grouped convs further split segments into blocks of their group width.
+    """
+    cuts = {0, group.size}
+    for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
+        prev = None
+        for loc, r in sorted(set(zip(mem.local, mem.root)), key=lambda t: (t[1], t[0])):
+            if prev is not None and r == prev[1]:
+                continue
+            if prev is None or r != prev[1] + 1 or loc != prev[0] + 1:
+                cuts.add(r)  # a member's contiguous run of channels starts here
+                if prev is not None:
+                    cuts.add(prev[1] + 1)
+            prev = (loc, r)
+        if prev is not None:
+            cuts.add(prev[1] + 1)
+    block = _block(graph, group)
+    if block is not None:
+        cuts.update(range(0, group.size, block))
+    bounds = sorted(c for c in cuts if 0 <= c <= group.size)
+    kept = set()
+    for a, b in zip(bounds, bounds[1:]):
+        kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
+    return kept
+
+
+def _block(graph: ChannelGraph, group: CoupledGroup) -> int | None:
+    """Channels per block of ``group`` when grouped convs produce or read it (None: no grouped conv).
+
+    A grouped conv with g groups splits its inputs (outputs) into g blocks of C/g; the KELS rule keeps
+    the same prefix of every block, so every group of every such conv keeps the same channels and
+    stays a group (the group count is kept). Blocks of different convs are reconciled by their gcd
+    (a prefix of every finer block is the same set in every coarser one).
+    """
+    sizes = []
+    for members, per in ((group.producers, lambda m: m.out_channels // m.groups),
+                         (group.consumers, lambda m: m.in_channels // m.groups)):
+        for mem in members:
+            m = graph.layers[mem.name]
+            if is_grouped(m):
+                sizes.append(per(m))
+                sizes += [abs(loc - r) for loc, r in zip(mem.local[:1], mem.root[:1]) if loc != r]  # offsets
+    return math.gcd(*sizes) if sizes else None
+
+
+def grouped_keeps(graph: ChannelGraph, plan: KeepPlan) -> dict[str, tuple[list[int], list[int]]]:
+    """For every grouped conv: (kept output channels, kept input positions within a group).
+
+    Refuses a plan under which some groups would keep more channels than others, which no grouped
+    conv can represent (``groups`` blocks of equal width).
+    """
+    dropped_in: dict[str, set[int]] = {}
+    dropped_out: dict[str, set[int]] = {}
+    for g in graph.groups:
+        drop = set(plan.dropped(g))
+        for c in g.consumers:
+            if is_grouped(graph.layers[c.name]):
+                dropped_in.setdefault(c.name, set()).update(loc for loc, r in zip(c.local, c.root) if r in drop)
+        for p in g.producers:
+            if is_grouped(graph.layers[p.name]):
+                dropped_out.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in drop)
+    out = {}
+    for name, m in graph.layers.items():
+        if not is_grouped(m):
+            continue
+        g, per_in, per_out = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
+        d_in, d_out = dropped_in.get(name, set()), dropped_out.get(name, set())
+        pos = [sorted(i % per_in for i in range(j * per_in, (j + 1) * per_in) if i not in d_in) for j in range(g)]
+        counts = [sum(1 for o in range(j * per_out, (j + 1) * per_out) if o not in d_out) for j in range(g)]
+        if any(p != pos[0] for p in pos) or len(set(counts)) > 1:
+            raise SlimkitError(
+                f"layer {name}: grouped convolution (groups={g}): the plan keeps different channels in different "
+                "groups; a grouped conv can only keep the same input channels and as many output channels in every group"
+            )
+        if not pos[0] or not counts[0]:
+            raise SlimkitError(f"layer {name}: grouped convolution (groups={g}): the plan keeps no channel of a group")
+        out[name] = ([o for o in range(m.out_channels) if o not in d_out], pos[0])
+    return out
 
 
 def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
@@ -156,10 +244,23 @@ def plan_masks(graph: ChannelGraph, plan: KeepPlan) -> dict[str, torch.Tensor]:
         if not drop:
             continue
         for p in g.producers:
-            masks[p.name][[loc for loc, r in zip(p.local, p.root) if r in drop]] = False
+            masks[p.name].index_fill_(0, _index([loc for loc, r in zip(p.local, p.root) if r in drop]), False)
         for c in g.consumers:
-            masks[c.name][:, [loc for loc, r in zip(c.local, c.root) if r in drop]] = False
+            dropped = [loc for loc, r in zip(c.local, c.root) if r in drop]
+            m = graph.layers[c.name]
+            if is_grouped(m):  # weight (C_out, C_in/g, ...): output o reads inputs of its own group only
+                per_in, per_out = m.in_channels // m.groups, m.out_channels // m.groups
+                for i in dropped:
+                    j = i // per_in
+                    masks[c.name][j * per_out:(j + 1) * per_out, i % per_in] = False
+            else:
+                masks[c.name].index_fill_(1, _index(dropped), False)
     return masks
+
+
+def _index(idxs: list[int]) -> torch.Tensor:
+    # a tensor index: torch inspects a long Python list element by element (milliseconds each)
+    return torch.tensor(idxs, dtype=torch.long)
 
 
 def wels_masks(model: nn.Module, split_rate: float, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from slimkit.errors import SlimkitError
 from slimkit.graph import ChannelGraph
-from slimkit.plan import KeepPlan
+from slimkit.plan import KeepPlan, grouped_keeps
 
 __all__ = ["cut", "apply_plan", "plans_of"]
 
@@ -34,9 +34,18 @@ def cut(graph: ChannelGraph, plan: KeepPlan) -> nn.Module:
     untraced = sorted(set(plan.keep) - set(graph.group_of))
     if untraced:
         raise SlimkitError(f"plan names layer {untraced[0]}, which the forward pass never uses; it cannot be cut")
-    for group, drop in verdicts:
-        if drop:
-            graph.prune_group(group, drop)
+    grouped = grouped_keeps(graph, plan)  # refuses before anything is cut
+    weights = {n: graph.layers[n].weight.detach().clone() for n in grouped}
+    graph.prune_groups(verdicts)
+    # torch-pruning cuts a grouped conv's input channels as if it were dense; cut its weight here:
+    # (C_out, C_in/g, kh, kw) -> kept outputs x the kept positions every group keeps
+    for name, (out_idx, in_pos) in grouped.items():
+        m = graph.layers[name]
+        w = weights[name][out_idx][:, in_pos].contiguous()
+        if tuple(m.weight.shape) != tuple(w.shape):
+            raise SlimkitError(f"surgery could not cut grouped conv {name}: expected weight {list(w.shape)}, "
+                               f"got {list(m.weight.shape)}")
+        m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
     # torch-pruning worked in place; check every planned layer ended with exactly the planned width
     for name, idxs in plan.keep.items():
         m = graph.layers[name]

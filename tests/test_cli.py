@@ -154,7 +154,7 @@ def _bad_inputs(tmp: Path, ckpt: Path, case: str) -> dict[str, tuple[list, str]]
         "evil-pickle": (["extract", tmp / "evil.pt", "--arch", "mlp", "--split-rate", "0.5"], "never executes code"),
         "wrong-classes": (["extract", tmp / "r18.pt", "--arch", "resnet18", "--num-classes", "10", "--split-rate", "0.5"], "does not fit"),
         "wrong-arch": (["extract", tmp / "r18.pt", "--arch", "resnet34", "--split-rate", "0.5"], "does not fit"),
-        "unknown-arch": (["extract", tmp / "r18.pt", "--arch", "resnet9000", "--split-rate", "0.5"], "unknown model 'resnet9000'; available: "),
+        "unknown-arch": (["extract", tmp / "r18.pt", "--arch", "resnet9000", "--split-rate", "0.5"], "unknown model 'resnet9000'; closest: resnet"),
         "no-arch": (["extract", tmp / "r18.pt", "--split-rate", "0.5"], "--arch"),
         "rate-0": (["extract", ckpt, "--split-rate", "0"], "split rate"),
         "rate-1": (["extract", ckpt, "--split-rate", "1"], "split rate"),
