@@ -12,9 +12,21 @@ from typing import Sequence
 __all__ = ["main"]
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the text already states it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)  # --gen for --generations would hide from --resume's flag check
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # argparse prints usage + message over two lines; we print one
@@ -326,11 +338,11 @@ def _timing_args(p: argparse.ArgumentParser) -> None:
 
 def _optim_args(p: argparse.ArgumentParser) -> None:
     """Optimiser and loss flags shared by the training verbs."""
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per training step")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on every parameter (SGD weight decay)")
     p.add_argument("--loss", default="ce", choices=("ce", "smooth", "cskd"),
                    help="cross-entropy, label smoothing 0.1, or CS-KD (class-wise self-distillation, T=4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds init, masks, shuffling and augmentation: same seed, same CPU run")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -345,7 +357,7 @@ def _from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
     p.add_argument("--epochs", type=_positive_int, default=30, help=epochs_help)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
-    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--warmup-epochs", type=int, default=5, help="linear learning-rate warm-up epochs before the cosine decay")
     _optim_args(p)
     _data_args(p)
     p.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
@@ -449,12 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.md and generations.png; --resume continues an interrupted run from its last finished epoch.",
     )
     _from_scratch_args(v, "epochs per generation")
-    v.add_argument("--split-mode", default="kels", choices=("kels", "wels"))
-    v.add_argument("--split-rate", type=_split_rate, default=0.5)
+    v.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="KELS: a prefix of every layer's filters and kernels (has a slim network); WELS: random weights")
+    v.add_argument("--split-rate", type=_split_rate, default=0.5, help="fraction of each layer in the fit hypothesis, in (0, 1)")
     v.add_argument("--round-to", type=_positive_int, default=1,
                    help="round KELS widths up to a multiple of N (e.g. 8 or 16) so the slim network suits blocked "
                    "conv kernels; the paper's split is 1")
-    v.add_argument("--generations", type=_positive_int, default=5)
+    v.add_argument("--generations", type=_positive_int, default=5, help="generations N1..NG; each re-initialises the reset hypothesis")
     _run_args(v)
     v.set_defaults(func=_cmd_evolve)
 
@@ -485,9 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=int, default=5, help="warm-up epochs of the gate phase")
     g.add_argument("--lambda-init", type=_positive_float, default=1.0, help="initial weight of the half-open penalty")
     g.add_argument("--lambda-step", type=float, default=1.0, help="lambda += step*sqrt(lambda) after every gate epoch")
-    g.add_argument("--finetune-epochs", type=_positive_int, default=30)
-    g.add_argument("--finetune-lr", type=_positive_float, default=0.01)
-    g.add_argument("--finetune-warmup-epochs", type=int, default=1)
+    g.add_argument("--finetune-epochs", type=_positive_int, default=30, help="epochs of fine-tuning the compressed student")
+    g.add_argument("--finetune-lr", type=_positive_float, default=0.01, help="peak SGD learning rate of fine-tuning")
+    g.add_argument("--finetune-warmup-epochs", type=int, default=1, help="warm-up epochs of fine-tuning")
     _optim_args(g)
     _data_args(g)
     g.add_argument("--subset-seed", type=int, default=0, help="the --train-per-class subset the teachers were trained on")
@@ -505,10 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tasks", default="split", help="split[:N] | onevsrest[:N] | permuted:N (default split: 5 tasks of 2 classes)")
     d.add_argument("--arch", default="mlp", help="mlp (312-128), mlp:W1,W2,... or conv:C1,C2,... (3x3 convs whose "
                    "units are channels)")
-    d.add_argument("--image-size", type=_positive_int, default=8)
+    d.add_argument("--image-size", type=_positive_int, default=8, help="images are resized to this square size")
     d.add_argument("--epochs", type=_positive_int, default=30, help="epochs per task and phase")
-    d.add_argument("--lr", type=_positive_float, default=0.05)
-    d.add_argument("--batch-size", type=_positive_int, default=32)
+    d.add_argument("--lr", type=_positive_float, default=0.05, help="SGD learning rate of every DEN step")
+    d.add_argument("--batch-size", type=_positive_int, default=32, help="images per training step")
     d.add_argument("--l1", type=_nonneg_float, default=3e-3, help="mu: L1 (proximal) on task 1, new heads and new units")
     d.add_argument("--l1-head", type=_nonneg_float, default=1e-2, help="L1 on a new task's head (sparser heads select fewer units)")
     d.add_argument("--l2", type=_nonneg_float, default=1e-4, help="L2 of selective retraining")
@@ -519,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sigma", type=_nonneg_float, default=0.2, help="duplicate units whose drift exceeds sigma")
     d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seeds the tasks, initialisation and shuffling")
     d.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda")
     d.add_argument("--out", help="new run directory (must be empty or absent)")
     d.add_argument("--resume", help="continue the run in this directory after its last finished task or baseline "

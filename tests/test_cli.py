@@ -242,19 +242,19 @@ class _Broken(torch.nn.Module):
 
     def __init__(self, num_classes: int = 3):
         super().__init__()
-        self.fc = torch.nn.Linear(4, num_classes)
+        self.fc = torch.nn.Linear(16, num_classes)
 
     def forward(self, x):  # traces fine (one example); fails on the verification batch
         if x.shape[0] > 1:
             raise RuntimeError("unexpected tensor layout in layer fc")
-        return self.fc(x)
+        return self.fc(x.flatten(1))
 
 
 def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, monkeypatch):
     from slimkit.models import register_model, list_models
 
     if "broken_for_tests" not in list_models():
-        register_model("broken_for_tests", input_shape=(4,))(_Broken)
+        register_model("broken_for_tests", input_shape=(1, 4, 4))(_Broken)
     path = save(create_model("broken_for_tests"), tmp_path / "b.pt")
     r = cli("extract", path, "--split-rate", "0.5")
     assert r.code == 1 and r.err.count("\n") == 1, r.err
@@ -266,3 +266,24 @@ def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, m
     assert "Traceback" in cli("extract", path, "--split-rate", "0.5").err
     r = cli("extract", tmp_path / "missing.pt", "--split-rate", "0.5")  # the user's mistake stays exit 2
     assert r.code == 2 and "slimkit bug" not in r.err
+
+
+def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
+    import argparse
+
+    from slimkit.cli import build_parser
+
+    parser = build_parser()
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for verb, sub in verbs.items():
+        shown = cli(verb, "--help")
+        assert shown.code == 0, verb
+        fmt = sub._get_formatter()
+        for a in sub._actions:
+            if not a.option_strings or a.dest == "help":
+                continue
+            assert a.help, f"{verb} {a.option_strings[-1]} has no help"
+            assert a.option_strings[-1] in shown.out, (verb, a.option_strings)
+            if a.default not in (None, False, argparse.SUPPRESS):
+                text = fmt._expand_help(a)
+                assert "default" in text and str(a.default).split(",")[0] in text, (verb, a.option_strings, text)
