@@ -44,24 +44,23 @@ def _split_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return n
+def _int_at_least(low: int, allowed: str):
+    """argparse type for an integer >= ``low``; ``allowed`` says so in the refusal."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return n
+
+    return parse
 
 
-def _workers(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 0 (load in the training process) or more, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (load in the training process) or more, got {text!r}")
-    return n
+_positive_int = _int_at_least(1, "a positive integer")
+_workers = _int_at_least(0, "0 (load in the training process) or more")
 
 
 def _augment_arg(p: argparse.ArgumentParser) -> None:
