@@ -119,7 +119,7 @@ class RunDir:
             raise SlimkitError(f"cannot resume: {cfg_path} is not valid JSON (torn or edited)") from None
         if not isinstance(saved, dict):
             raise SlimkitError(f"cannot resume: {cfg_path} is not a {self.verb} configuration")
-        diff = [k for k in self.config if k != "cli" and saved.get(k) != self.config[k]]
+        diff = [k for k in self.config if saved.get(k) != self.config[k]]  # "cli" (the flags) is not compared
         if diff:
             k = diff[0]
             raise SlimkitError(f"cannot resume {out}: it was run with {k}={saved.get(k)!r}, now {k}={self.config[k]!r}; "
