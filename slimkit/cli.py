@@ -359,7 +359,9 @@ def _from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--warmup-epochs", type=int, default=5, help="linear learning-rate warm-up epochs before the cosine decay")
     _optim_args(p)
     _data_args(p)
-    p.add_argument("--image-size", type=_positive_int, default=16, help="input size of small nets (digits are resized)")
+    p.add_argument("--image-size", type=_positive_int,
+                   help="square input side the data is resized to (default: 16 for the built-in small nets; a "
+                   "torchvision, timm or own model's default input, e.g. 224)")
     p.add_argument("--num-classes", type=_positive_int,
                    help="the classes the data must have (default: whatever the data has)")
 

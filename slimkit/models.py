@@ -333,8 +333,11 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return out
 
 
-def input_shape_of(name: str, **kwargs: Any) -> tuple[int, ...]:
-    """The (C, H, W) input a model built with ``kwargs`` takes (for registry nets, without building it)."""
+def input_shape_of(name: str, input_shape: tuple[int, ...] | None = None, **kwargs: Any) -> tuple[int, ...]:
+    """The (C, H, W) input a model built with ``kwargs`` takes (for registry nets, without building it);
+    ``input_shape``, as ``create_model`` takes it, overrides the source's default."""
+    if input_shape is not None:
+        return _check_shape(input_shape)
     src = _source(name)
     return tuple(src.shape(_args(src, kwargs)))
 

@@ -44,7 +44,7 @@ class EvolveConfig:
     round_to: int = 1  # KELS widths rounded up to a multiple of this (1: the paper's ceil(sr*C))
     eval_every: int = 1  # evaluate dense and fit hypothesis every N epochs (and always at a generation's end)
     generations: int = 5  # N1..NG
-    image_size: int = 16  # digits are resized to this (small nets); torchvision nets use 224 data
+    image_size: int | None = None  # square input side; None: 16 for the small nets, the source's own (e.g. 224) otherwise
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
     num_classes: int | None = None  # if given, the data must have exactly this many classes
     augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
@@ -53,7 +53,7 @@ class EvolveConfig:
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
-        resolve_augment(self.augment, int(self.image_size))
+        resolve_augment(self.augment, int(self.image_size or 16))  # refuses an unknown preset
         if self.split_mode not in ("kels", "wels"):
             raise SlimkitError(f"unknown split mode {self.split_mode!r}; available: kels, wels")
         self.split_rate = check_split_rate(self.split_rate)
@@ -65,7 +65,7 @@ class EvolveConfig:
             raise SlimkitError(f"round_to and eval_every must be positive integers, got {self.round_to!r}, {self.eval_every!r}")
         if self.round_to > 1 and self.split_mode != "kels":
             raise SlimkitError("round_to applies to KELS splits only")
-        if int(self.image_size) < 4:
+        if self.image_size is not None and int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
 
     def to_json(self) -> dict[str, Any]:

@@ -88,14 +88,21 @@ def shift_augment(x: torch.Tensor) -> torch.Tensor:
     return torch.roll(x, shifts=(dx, dy), dims=(2, 3))
 
 
-def input_kwargs(arch: str, data: str, image_size: int) -> dict[str, Any]:
-    """Input-related constructor arguments, for the small nets that take them."""
+SMALL_NET_SIZE = 16  # the built-in small nets' input side when --image-size is not given
+
+
+def input_kwargs(arch: str, data: str, image_size: int | None) -> dict[str, Any]:
+    """Input-related arguments of ``create_model``: the small nets' own ``in_chans``/``image_size``;
+    for any other source (torchvision, timm, the user's own) ``input_shape`` 3 x S x S when the user
+    chose a size S, else nothing (the source's default input, e.g. 3x224x224)."""
     params = model_params(arch)
     kwargs: dict[str, Any] = {}
-    if "in_chans" in params:
-        kwargs.update(in_chans=1 if data == "digits" else 3)
     if "image_size" in params:
-        kwargs.update(image_size=image_size)
+        if "in_chans" in params:
+            kwargs.update(in_chans=1 if data == "digits" else 3)
+        kwargs.update(image_size=image_size or SMALL_NET_SIZE)
+    elif image_size is not None:
+        kwargs.update(input_shape=(3, image_size, image_size))
     return kwargs
 
 

@@ -28,7 +28,7 @@ __all__ = ["TrainRunConfig", "train", "plot_curves"]
 class TrainRunConfig:
     arch: str = "cifar_resnet"  # registry name
     data: str = "digits"  # "digits" (bundled) or a dataset directory
-    image_size: int = 16  # digits are resized to this (small nets)
+    image_size: int | None = None  # square input side; None: 16 for the small nets, the source's own (e.g. 224) otherwise
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
     subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
     num_classes: int | None = None  # if given, the data must have exactly this many classes
@@ -43,9 +43,9 @@ class TrainRunConfig:
             raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
         if int(self.eval_every) < 1:
             raise SlimkitError(f"eval_every must be a positive integer, got {self.eval_every!r}")
-        if int(self.image_size) < 4:
+        if self.image_size is not None and int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
-        resolve_augment(self.augment, int(self.image_size))
+        resolve_augment(self.augment, int(self.image_size or 16))  # refuses an unknown preset
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
