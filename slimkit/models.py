@@ -242,10 +242,6 @@ def _source(name: str) -> _Source:
         def build(**kw):
             return builder(weights=None, **kw)
 
-        cls = _tv_class(name)
-        params = None
-        if cls is not None:
-            params = tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
         return _Source(name, "torchvision", build, None, {"num_classes": 1000},
                        lambda a: _tv_input_shape(name, a))
     raise SlimkitError(_suggest(name))

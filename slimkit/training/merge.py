@@ -21,10 +21,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimkit.cost import count_params
 from slimkit.errors import SlimkitError
 from slimkit.evaluate import accuracy
-from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
 from slimkit.training.distributed import barrier, ddp, process_group, resolve_device
+from slimkit.training.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
 from slimkit.training.rundir import RunDir
 from slimkit.training.runs import StopAfter, datasets, num_classes_of, run_epochs
 
@@ -89,10 +90,6 @@ def ensemble_accuracy(models: list[nn.Module], dataset, batch_size: int = 256, d
     return correct / max(total, 1)
 
 
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def _read_teachers(paths: list[str | Path], arch: str | None, num_classes: int | None):
     from slimkit.checkpoint import read
 
@@ -148,7 +145,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         rec = {"kind": "teachers", "teacher_a": accuracy(ta, test, device=device),
                "teacher_b": accuracy(tb, test, device=device),
                "ensemble": ensemble_accuracy([ta, tb], test, device=device), "big_student": accuracy(big, test, device=device),
-               "teacher_params": _params(ta), "big_params": _params(big),
+               "teacher_params": count_params(ta), "big_params": count_params(big),
                "teacher_paths": [str(p) for p in paths]}
         run.log(rec)
         run.save_model(big, "big.pt", provenance={"recipe": "slimkit merge: concatenated teachers",
@@ -201,7 +198,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         if run.main:
             rec = {"kind": "compressed", "gated": accuracy(prepare_model(gated, device), test, device=device),
                    "compressed": accuracy(prepare_model(student, device), test, device=device),
-                   "params": _params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
+                   "params": count_params(student), "kept": {g: len(i) for g, i in plan.keep.items()}}
             run.log(rec)
             run.save_model(student, "compressed.pt", merge_plan=plan.to_json(),
                            provenance={"recipe": "slimkit merge: compressed student", "config": config})
@@ -233,7 +230,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
                    data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0,
                          "preprocess": train_ds.preprocess},
                    provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
-    summary = _summary(run, cfg, spec.arch, run.records(), acc, _params(student))
+    summary = _summary(run, cfg, spec.arch, run.records(), acc, count_params(student))
     echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "
          f"{100 * summary['teacher_b']:.2f}%)  -> {out / 'last.pt'}")
     return summary
