@@ -89,11 +89,18 @@ def parse_tasks(spec: str, classes: int) -> tuple[str, int]:
     return kind, n
 
 
-def make_tasks(spec: str, data: str = "digits", image_size: int = 8, seed: int = 0) -> list[Task]:
+def make_tasks(spec: str, data: str = "digits", image_size: int = 8, seed: int = 0,
+               train_per_class: int | None = None) -> list[Task]:
     """The task sequence ``spec`` on ``data``: split[:N] (N tasks of consecutive classes), onevsrest[:N]
     (class c against the rest, binary) or permuted:N (all classes, one fixed pixel permutation per task;
-    task 1 unpermuted)."""
+    task 1 unpermuted). ``train_per_class``: a subset of the training split seeded by ``seed``, at most
+    that many images of every class (as the other verbs' --train-per-class)."""
     xtr, ytr, xte, yte = _tensors(data, image_size)
+    if train_per_class is not None:
+        from slimkit.training.runs import per_class_subset
+
+        pick = torch.as_tensor(per_class_subset(TensorDataset(ytr, ytr), train_per_class, seed).indices)
+        xtr, ytr = xtr[pick], ytr[pick]
     classes = int(max(ytr.max(), yte.max())) + 1
     kind, n = parse_tasks(spec, classes)
     tasks = []
@@ -156,6 +163,7 @@ class DENConfig:
     hidden: tuple[int, ...] = (312, 128)  # Linear units per layer
     channels: tuple[int, ...] = ()  # conv channels before them (den_conv: units are channels); () = MLP
     image_size: int = 8
+    train_per_class: int | None = None  # seeded (by seed) per-class subset of the training split (None: all)
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
     batch_size: int = 32
@@ -178,6 +186,8 @@ class DENConfig:
         self.baselines = tuple(self.baselines)
         if not (self.hidden or self.channels) or any(h < 1 for h in self.hidden + self.channels):
             raise SlimkitError(f"layer widths must be positive integers, got {self.channels + self.hidden}")
+        if self.train_per_class is not None and int(self.train_per_class) < 1:
+            raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
         for name in ("epochs", "batch_size", "k", "image_size"):
             if int(getattr(self, name)) < 1:
                 raise SlimkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -360,7 +370,7 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
 
     out = Path(out)
     device = resolve_device(device)
-    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed)  # refuses bad specs before writing
+    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)  # refuses bad specs before writing
     run = RunDir(out, "den", cfg.to_json(), resume).check()
     run.begin()
     stop = StopAfter(_stop_after)
