@@ -244,6 +244,8 @@ def _cmd_den(args: argparse.Namespace) -> int:
     baselines = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
     cfg = DENConfig(data=args.data, tasks=args.tasks, hidden=hidden, channels=channels, image_size=args.image_size, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, l1=args.l1, l1_head=args.l1_head, l2=args.l2, tau=args.tau, k=args.k,
+                    train_per_class=args.train_per_class, expand_on=args.expand_on, val_fraction=args.val_fraction,
+                    tau_val=args.tau_val,
                     group=args.group_lasso, drift_lambda=args.drift_lambda, sigma=args.sigma, baselines=baselines,
                     seed=args.seed)
     out = _run_dir("den", args)
@@ -525,7 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--l1", type=_nonneg_float, default=3e-3, help="mu: L1 (proximal) on task 1, new heads and new units")
     d.add_argument("--l1-head", type=_nonneg_float, default=1e-2, help="L1 on a new task's head (sparser heads select fewer units)")
     d.add_argument("--l2", type=_nonneg_float, default=1e-4, help="L2 of selective retraining")
-    d.add_argument("--tau", type=_nonneg_float, default=0.05, help="expand when the task loss stays above tau")
+    d.add_argument("--train-per-class", type=_positive_int, default=None,
+                   help="train on a subset (seeded by --seed) of at most this many images per class (default: all)")
+    d.add_argument("--expand-on", choices=("val", "train"), default="val",
+                   help="val: after task t, expand when its accuracy on --val-fraction of its training images (held "
+                   "out) is more than --tau-val below a network trained on task t alone; train: the paper's rule, "
+                   "training loss after selective retraining above --tau (small sets reach ~0 loss: it never fires)")
+    d.add_argument("--val-fraction", type=_positive_float, default=0.2,
+                   help="share of every class of a task held out for the val rule (at least 1 image)")
+    d.add_argument("--tau-val", type=_nonneg_float, default=0.02, help="accuracy margin of the val rule")
+    d.add_argument("--tau", type=_nonneg_float, default=0.05, help="train rule: expand when the task loss stays above tau")
     d.add_argument("-k", "--k", type=_positive_int, default=10, help="units added per hidden layer on expansion")
     d.add_argument("--group-lasso", type=_nonneg_float, default=0.05, help="gamma: group lasso on new units' incoming weights")
     d.add_argument("--drift-lambda", type=_nonneg_float, default=0.1, help="lambda of ||W^t - W^(t-1)||^2 before the split")

@@ -166,7 +166,7 @@ def test_task_specs():
 
 
 def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
-    cfg = DENConfig(tasks="split:3", hidden=(24, 12), epochs=3, tau=0.0, k=4, sigma=0.0, group=0.01,
+    cfg = DENConfig(tasks="split:3", hidden=(24, 12), epochs=3, expand_on="train", tau=0.0, k=4, sigma=0.0, group=0.01,
                     baselines=("dnn", "stl", "mtl"))
     s = run_den(cfg, tmp_path / "r", progress=False, echo=lambda m: None)
     out = tmp_path / "r"
@@ -194,7 +194,8 @@ def test_den_run_writes_everything_and_keeps_earlier_tasks(tmp_path):
 
 def test_den_resume_equals_uninterrupted(tmp_path):
     """Stopped after task 2 and again after the first baseline, then resumed: the same results and networks."""
-    cfg = DENConfig(tasks="split:3", hidden=(16, 8), epochs=2, tau=0.0, k=3, sigma=0.1, baselines=("dnn", "stl"))
+    cfg = DENConfig(tasks="split:3", hidden=(16, 8), epochs=2, expand_on="train", tau=0.0, k=3, sigma=0.1,
+                    baselines=("dnn", "stl"))
     quiet = lambda m: None  # noqa: E731
     full = run_den(cfg, tmp_path / "full", progress=False, echo=quiet)
     assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, _stop_after=2) is None
@@ -209,6 +210,38 @@ def test_den_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     recs = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("task", r.get("method")) for r in recs] == [1, 2, 3, "dnn", "stl"]  # each step logged once
+
+
+def test_holdout_is_a_seeded_share_of_every_class():
+    from slimkit.training.den import _holdout
+
+    y = torch.tensor([0] * 10 + [1] * 5 + [2])  # 20% of 10 is 2, of 5 is 1; a class of one keeps its image
+    x = torch.arange(len(y), dtype=torch.float32)[:, None]
+    rest, held = _holdout(TensorDataset(x, y), 0.2, seed=3)
+    assert sorted(held.tensors[1].tolist()) == [0, 0, 1]
+    assert sorted(rest.tensors[0].flatten().tolist() + held.tensors[0].flatten().tolist()) == list(range(16))
+    again = _holdout(TensorDataset(x, y), 0.2, seed=3)[1]
+    assert torch.equal(again.tensors[0], held.tensors[0])
+
+
+@pytest.mark.slow
+def test_val_rule_expands_where_the_training_loss_rule_cannot(tmp_path):
+    """10 images a class are fitted to a training loss far below tau, so the paper's rule never expands, while the
+    split (anchored hard towards W^1, no unit duplicated) leaves task 2 well below a network trained on task 2
+    alone (STL, computed by its own baseline run). The validation rule sees that on held-out images and expands;
+    the new units lift task 2 and leave task 1's network as it was."""
+    common = dict(tasks="permuted:2", train_per_class=10, hidden=(64,), drift_lambda=1.0, sigma=100.0, seed=0)
+    quiet = lambda m: None  # noqa: E731
+    old = run_den(DENConfig(expand_on="train", baselines=("stl",), **common), tmp_path / "train", progress=False,
+                  echo=quiet)
+    new = run_den(DENConfig(expand_on="val", baselines=(), **common), tmp_path / "val", progress=False, echo=quiet)
+    t2_old, t2_new = old["den_tasks"][1], new["den_tasks"][1]
+    assert t2_old["loss_selective"] < DENConfig.tau and not t2_old["expanded"]
+    stl_task2 = old["results"]["stl"]["R"][1][1]
+    assert old["results"]["den"]["R"][1][1] < stl_task2 - 0.05  # where expansion should have fired
+    assert t2_new["expanded"] and t2_new["added"] > 0 and t2_new["val_acc"] < t2_new["val_ref"] - DENConfig.tau_val
+    assert new["results"]["den"]["R"][1][1] > old["results"]["den"]["R"][1][1] + 0.03
+    assert new["den_tasks"][1]["widths"][0] > 64 and old["den_tasks"][1]["widths"][0] == 64
 
 
 def test_den_resume_refusals(cli, tmp_path):
@@ -229,6 +262,7 @@ def test_den_resume_refusals(cli, tmp_path):
     (["-k", "0"], "positive integer"),
     (["--sigma", "-0.5"], "non-negative"),
     (["--tau", "nan"], "non-negative"),
+    (["--val-fraction", "1"], "val_fraction must be in (0, 1)"),
     (["--arch", "resnet18"], "--arch must be mlp"),
     (["--arch", "conv"], "--arch must be mlp"),
     (["--baselines", "dnn,bogus"], "unknown baseline"),
@@ -273,8 +307,8 @@ def test_conv_units_are_channels_through_every_step(tmp_path):
 
 
 def test_conv_den_run(tmp_path, cli):
-    r = cli("den", "--tasks", "split:2", "--arch", "conv:8,8", "--epochs", "2", "--tau", "0", "-k", "2",
-            "--baselines", "dnn", "--out", tmp_path / "c")
+    r = cli("den", "--tasks", "split:2", "--arch", "conv:8,8", "--epochs", "2", "--expand-on", "train", "--tau", "0",
+            "-k", "2", "--baselines", "dnn", "--out", tmp_path / "c")
     assert r.code == 0, r.err
     assert "conv 8-8" in (tmp_path / "c" / "summary.md").read_text()
 

@@ -47,7 +47,7 @@ def _merge_cfg() -> MergeConfig:
 
 
 def _den_cfg() -> DENConfig:
-    return DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, tau=0.0, k=2, sigma=0.1, baselines=("dnn",))
+    return DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, expand_on="train", tau=0.0, k=2, sigma=0.1, baselines=("dnn",))
 
 
 @pytest.fixture(autouse=True)
