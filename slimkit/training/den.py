@@ -6,9 +6,12 @@ Tasks arrive in order and earlier tasks' data is gone when task t is learned. Pe
 2. t > 1, selective retraining: a new head for task t is fitted alone with L1 on the frozen network;
    breadth-first search down through non-zero weights gives the subnetwork S; only W_S (and the
    head) retrains, with an L2 penalty;
-3. dynamic expansion: if task t's training loss is still above tau, k units join every hidden layer
-   and only they train, with L1 + group lasso on each new unit's incoming weights; units whose group
-   norm reaches zero are removed by a KeepPlan and the one surgery;
+3. dynamic expansion: k units join every hidden layer and only they (with the units stamped t and the
+   head) train, with L1 + group lasso on each new unit's incoming weights; units whose group norm
+   reaches zero are removed by a KeepPlan and the one surgery. When: by default (expand_on "val") after
+   the split, if task t's accuracy on a held-out share of its images is more than tau_val below a network
+   trained on task t alone; the paper's rule (expand_on "train": training loss after selective
+   retraining above tau) never fires on small sets, which are fitted to ~0 loss;
 4. split: W_S retrains with lambda * ||W - W^{t-1}||^2; every old unit whose incoming weights moved
    more than sigma is duplicated (the old copy gets its task-(t-1) weights back), then the units
    stamped t retrain briefly;
