@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--taus", default="0.05", help="expansion thresholds; the first one goes with every sigma")
     ap.add_argument("--name", default="den_digits", help="results file stem under benchmarks/results/")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--expand-on", default="train", choices=("train", "val"),
+                    help="expansion rule; train (the paper's, the default before issue 14) reproduces the recorded "
+                    "results; `slimkit den` now defaults to val (see claims_vs_data.py)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -50,7 +53,7 @@ def main() -> None:
             for seed in seeds:
                 for i, (sigma, tau) in enumerate(variants):
                     torch.manual_seed(seed)
-                    cfg = DENConfig(tasks=spec, epochs=args.epochs, sigma=sigma, tau=tau, seed=seed,
+                    cfg = DENConfig(tasks=spec, epochs=args.epochs, sigma=sigma, tau=tau, seed=seed, expand_on=args.expand_on,
                                     baselines=DENConfig.baselines if i == 0 else ())
                     s = run_den(cfg, Path(tmp) / f"{spec.replace(':', '_')}_{seed}_{sigma}_{tau}", progress=False,
                                 echo=lambda m: None)
@@ -63,7 +66,7 @@ def main() -> None:
                           f"{100 * d['forgetting']:.2f}, {d['params']:,} params)  [{time.time() - t0:.0f} s]", flush=True)
     cmd = (f"benchmarks/den_digits.py --seeds {args.seeds} --tasks {args.tasks} --sigmas {args.sigmas} "
            + (f"--taus {args.taus} " if len(taus) > 1 or taus[0] != 0.05 else "")
-           + f"--epochs {args.epochs} --name {args.name}")
+           + f"--epochs {args.epochs} --name {args.name}" + (" --expand-on val" if args.expand_on == "val" else ""))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": cmd, "seconds": time.time() - t0, "runs": runs}, indent=2) + "\n")
     lines = ["# DEN vs baselines on digits (MLP 312-128)", "",
