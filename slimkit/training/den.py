@@ -244,10 +244,13 @@ def _den_task(net, t: int, task: Task, cfg: DENConfig, gen: torch.Generator) -> 
 
     def expand() -> None:
         rec["expanded"] = True
-        D.grow(net, cfg.k, t, gen)
+        grown = D.grow(net, cfg.k, t, gen)
         fit(D.new_unit_masks(net, t), D.FitPenalties(l1=cfg.l1, group=cfg.group))
         dead = D.dead_units(net, t)
-        rec["pruned"] = sum(len(d) for d in dead)
+        # after the split (val rule) the units stamped t include the split's copies: the group lasso may
+        # remove some of them too; they are counted apart from the grown units
+        rec["pruned"] = sum(len(set(d) & set(g)) for d, g in zip(dead, grown))
+        rec["pruned_copies"] = sum(len(d) for d in dead) - rec["pruned"]
         rec["added"] = cfg.k * len(net.hidden) - rec["pruned"]
         D.remove_units(net, dead)
 
