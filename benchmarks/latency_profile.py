@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit.bench import cpu_name
-from slimkit.export import to_verified_onnx
-from slimkit.graph import ChannelGraph
-from slimkit.plan import kels_plan
-from slimkit.profile import format_profile, profile_rows
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import kels_plan
+from slimkit.deploy.export import to_verified_onnx
+from slimkit.deploy.profile import format_profile, profile_rows
+from slimkit.deploy.runners import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

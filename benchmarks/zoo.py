@@ -35,10 +35,10 @@ from test_zoo import ARGS, TIMM_CUT, TIMM_REFUSED  # noqa: E402  the same model 
 MIN_224 = {"alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "timm/vgg11"}
 
 import slimkit  # noqa: E402
-from slimkit.checkpoint import Loaded  # noqa: E402
-from slimkit.errors import SlimkitError  # noqa: E402
-from slimkit.extract import fit_hypothesis  # noqa: E402
-from slimkit.graph import ChannelGraph  # noqa: E402
+from slimkit.core.checkpoint import Loaded  # noqa: E402
+from slimkit.core.errors import SlimkitError  # noqa: E402
+from slimkit.core.graph import ChannelGraph  # noqa: E402
+from slimkit.methods.ke.extract import fit_hypothesis  # noqa: E402
 
 
 def _cpu() -> str:

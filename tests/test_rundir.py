@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimkit.training.den import DENConfig, run_den
-from slimkit.training.evolve import EvolveConfig, evolve
-from slimkit.training.loop import TrainConfig
-from slimkit.training.merge import MergeConfig, merge
 from slimkit import load
-from slimkit.training.rundir import SimulatedCrash, crash_at
-from slimkit.training.train import TrainRunConfig, train
+from slimkit.engine.loop import TrainConfig
+from slimkit.engine.rundir import SimulatedCrash, crash_at
+from slimkit.engine.train import TrainRunConfig, train
+from slimkit.methods.den.sequence import DENConfig, run_den
+from slimkit.methods.ke.evolve import EvolveConfig, evolve
+from slimkit.methods.merge.merging import MergeConfig, merge
 
 QUIET = dict(progress=False, echo=lambda s: None)
 TIMINGS = ("seconds", "train_seconds")
