@@ -31,6 +31,12 @@ def test_no_two_modules_share_a_name_and_none_is_long():
     assert long == {}
 
 
+def test_every_package_is_a_regular_package():
+    # setuptools' find (pyproject) skips a folder without __init__.py: `pip install .` would lose it
+    dirs = {p.parent for p in _modules()}
+    assert sorted(str(d.relative_to(ROOT)) for d in dirs if not (d / "__init__.py").is_file()) == []
+
+
 def test_the_readme_module_table_matches_the_tree():
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Architecture"):]
