@@ -288,3 +288,21 @@ def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
                 text = fmt._expand_help(a)
                 assert "default" in text and str(a.default).split(",")[0] in text, (verb, a.option_strings, text)
         assert {"--json", "--quiet"} <= {o for a in sub._actions for o in a.option_strings}, verb  # in every verb
+
+
+def test_a_slim_network_that_is_not_the_masked_one_is_refused_and_nothing_written(cli, ckpt, tmp_path, monkeypatch):
+    import slimkit.methods.ke.extract as X
+
+    real_cut = X.cut
+
+    def off_by_a_little(graph, plan):  # a surgery bug: one kept weight off by 1e-3 of the largest
+        out = real_cut(graph, plan)
+        w = next(m.weight for m in graph.model.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            w[0, 0, 0, 0] += 1e-3 * float(w.abs().max())
+        return out
+
+    monkeypatch.setattr(X, "cut", off_by_a_little)
+    r = cli("extract", ckpt, "--split-rate", "0.5", "-o", tmp_path / "s.pt")
+    assert r.code == 2 and "verification failed" in r.err and "float64" in r.err, r.err
+    assert not (tmp_path / "s.pt").exists()

@@ -233,6 +233,9 @@ def test_zoo_networks_evolve_at_the_chosen_size_resume_and_extract(arch, cli, tm
         evolve(cfg, tmp_path / "cut", **QUIET)
     evolve(cfg, tmp_path / "cut", resume=True, **QUIET)
     _same(_outcome(tmp_path / "cut", "gen2/last.pt"), _outcome(tmp_path / "full", "gen2/last.pt"), arch)
-    if arch == "timm/resnet18":  # a trained efficientnet_b0 is refused at verification (see README, Model sources)
-        r = cli("extract", tmp_path / "full" / "gen2" / "last.pt", "--split-rate", "0.5")
-        assert r.code == 0 and "verified" in r.out, r.err
+    # the trained efficientnet_b0 differs from its masked self by 7.4e-4 in float32 (round-off through
+    # activations ~1e3 and saturating SE gates); extract verifies in float64, where the cut is exact
+    r = cli("extract", tmp_path / "full" / "gen2" / "last.pt", "--split-rate", "0.5", "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["verify_dtype"] == "float64" and rep["max_rel_diff"] <= 1e-9
