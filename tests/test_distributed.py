@@ -1,4 +1,4 @@
-"""The device rule and the DDP process group (slimkit/training/distributed.py), without a GPU.
+"""The device rule and the DDP process group (slimkit/engine/distributed.py), without a GPU.
 
 The rank -> device mapping and the backend choice are pure functions of the environment and the
 GPU count, so the torchrun cases of a GPU host are checked here with env dicts. The process-group

@@ -5,7 +5,7 @@ A slimkit checkpoint is a ``torch.save`` of plain containers and tensors only::
     {"format": "slimkit", "format_version": 1,
      "spec":  {"arch", "args", "input_shape"},     # how to rebuild the dense network
      "plans": [KeepPlan.to_json(), ...],           # cuts applied to it, oldest first ([] = dense)
-     "concat": 2,                                  # only for a merged big student (merge.py): widened first
+     "concat": 2,                                  # only for a merged big student (methods/merge): widened first
      "meta":  {"split": ..., "provenance": ..., ...},
      "state_dict": {...}}
 
@@ -305,7 +305,7 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
         if not plain_only:
             _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
         model = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
-        if concat == 2:  # a merged big student: two copies side by side (merge.py)
+        if concat == 2:  # a merged big student: two copies side by side (methods/merge)
             from slimkit.methods.merge.transform import widen
 
             widen(model)

@@ -1,6 +1,6 @@
-"""Datasets: the bundled 8x8 handwritten digits (scikit-learn's, shipped in the package) and image directories.
+"""Image directories: ImageFolder trees and the Knowledge Evolution lists/ layout, read as `Images`.
 
-Image directories (ImageFolder trees or the Knowledge Evolution lists/ layout) are decoded once
+They are decoded once
 into uint8 tensors when they fit in memory; training augmentation (a torchvision preset) runs per
 item on those tensors, seeded from (epoch seed, item), in as many loader processes as asked.
 """

@@ -127,7 +127,7 @@ def compare(
     ``out`` is required); writes compare.md/.json/.png into ``out``.
 
     ``profile`` adds ONNX Runtime's CPU kernel time by node kind for both networks at every batch
-    (:mod:`slimkit.profile`): where the slim network saves less than its MACs, and why.
+    (:mod:`slimkit.deploy.profile`): where the slim network saves less than its MACs, and why.
     """
     import torch
 

@@ -1,6 +1,6 @@
-"""What every training verb shares: datasets and the epoch runner (run directory: rundir.py; DDP: distributed.py).
+"""The epoch runner shared by train and merge, and each model source's input arguments.
 
-The run directory (config, metrics, state, resume) is :mod:`slimkit.training.rundir`.
+Datasets: :mod:`slimkit.data.select`; run directory: :mod:`slimkit.engine.rundir`; DDP: :mod:`slimkit.engine.distributed`.
 """
 from __future__ import annotations
 

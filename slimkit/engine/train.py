@@ -62,7 +62,7 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
-    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it."""
     workers = check_workers(workers)
     device = resolve_device(device)  # before the group: the chosen device picks its backend
     with process_group(device) as (rank, world):

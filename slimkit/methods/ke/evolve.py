@@ -119,7 +119,7 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
     evaluates and writes every file. ``workers``: loader processes for image sets (None:
-    slimkit.data.default_workers()); results do not depend on it.
+    slimkit.data.loading.default_workers()); results do not depend on it.
     """
     workers = check_workers(workers)
     device = resolve_device(device)  # before the group: the chosen device picks its backend

@@ -1,6 +1,6 @@
 """Merging two teachers into one network of their size: `slimkit merge` (Pasen & Boza, arXiv 2204.09973).
 
-1. big student = the teachers concatenated (slimkit/merge.py); its logits are the mean of theirs;
+1. big student = the teachers concatenated (transform.py); its logits are the mean of theirs;
 2. importance learning: hard-concrete L0 gates on every channel group, loss = task loss +
    lambda * sum_groups (1/2 - mean P(gate open))^2, lambda += step * sqrt(lambda) after every epoch;
    weights train with SGD, gates with Adam in their own group (no weight decay);
@@ -97,7 +97,7 @@ def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | P
     """Run (or resume) a merge of two teachers (checkpoint paths or networks slimkit created); returns the
     summary record (accuracies and parameter counts).
 
-    ``workers``: loader processes for image sets (None: slimkit.data.default_workers()); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it."""
     from slimkit.data.loading import check_workers
 
     workers = check_workers(workers)

@@ -1,6 +1,6 @@
 """Merging two networks into one (Pasen & Boza, "Merging of neural networks", arXiv 2204.09973).
 
-Three network transformations, no training (training/merge.py runs the method):
+Three network transformations, no training (merging.py runs the method):
 
 1. :func:`concat_teachers`: two teachers of one architecture become a double-width *big student*.
    The layers reading the image stack both teachers' filters; every later conv/linear becomes
