@@ -68,9 +68,9 @@ def _tpc(size: str) -> int | None:
 def ke_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
     """One KE run of G generations (dense and fit accuracy at each generation's end) and the budget-matched
     single networks: one dense network trained g x E epochs in one schedule for every reported g."""
-    from slimkit.training.evolve import EvolveConfig, evolve
-    from slimkit.training.loop import TrainConfig
-    from slimkit.training.train import TrainRunConfig, train
+    from slimkit.methods.ke.evolve import EvolveConfig, evolve
+    from slimkit.engine.loop import TrainConfig
+    from slimkit.engine.train import TrainRunConfig, train
 
     quiet = lambda s: None  # noqa: E731
     G, E = max(args.ke_generations), args.ke_epochs
@@ -91,9 +91,9 @@ def ke_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
 def merge_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
     """Two teachers (seeds 2s+1, 2s+2), their merge at the default settings, and a single network trained
     for 2 x teacher + gate + fine-tune epochs; all on the same seeded subset."""
-    from slimkit.training.loop import TrainConfig
-    from slimkit.training.merge import MergeConfig, merge
-    from slimkit.training.train import TrainRunConfig, train
+    from slimkit.engine.loop import TrainConfig
+    from slimkit.methods.merge.merging import MergeConfig, merge
+    from slimkit.engine.train import TrainRunConfig, train
 
     quiet = lambda s: None  # noqa: E731
     te = args.teacher_epochs
@@ -127,7 +127,7 @@ def den_cell(root: str, size: str, seed: int, args, tmp: Path, have: dict | None
     """DEN on permuted:5 (each variant of DEN_VARIANTS not in ``have``) and, in the first run, its baselines."""
     import torch
 
-    from slimkit.training.den import DENConfig, run_den
+    from slimkit.methods.den.sequence import DENConfig, run_den
 
     out, t0 = dict(have or {}), time.time()
     for i, (name, over) in enumerate(DEN_VARIANTS.items()):

@@ -48,9 +48,9 @@ def _epochs(run: Path) -> list[dict]:
 
 
 def _run_paths(paths: dict[str, str], args, tmp: Path) -> list[dict]:
-    from slimkit.training.evolve import EvolveConfig, evolve
-    from slimkit.training.loop import TrainConfig
-    from slimkit.training.train import TrainRunConfig, train
+    from slimkit.engine.loop import TrainConfig
+    from slimkit.engine.train import TrainRunConfig, train
+    from slimkit.methods.ke.evolve import EvolveConfig, evolve
 
     quiet = lambda s: None  # noqa: E731
     rows = []
@@ -98,7 +98,8 @@ def _loader_rates(folder: Path, workers: int) -> dict[str, float]:
     from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    from slimkit.data import IMAGENET_MEAN, IMAGENET_STD, epoch_loader, image_dir
+    from slimkit.data.images import IMAGENET_MEAN, IMAGENET_STD, image_dir
+    from slimkit.data.loading import epoch_loader
     from slimkit.models import create_model
 
     old_tf = T.Compose([T.RandomResizedCrop((16, 16)), T.RandomHorizontalFlip(), T.ToTensor(),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from slimkit.training.den import DENConfig, run_den
+from slimkit.methods.den.sequence import DENConfig, run_den
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -4,8 +4,8 @@
         [--rules train,val]
 
 permuted:5 on digits, default `slimkit den` settings apart from the expansion rule; every call of
-`slimkit.den.fit` on the DEN network is followed by task t's test accuracy (a diagnostic: nothing is
-chosen from it). Writes benchmarks/results/den_phases.{md,json}.
+`slimkit.methods.den.steps.train_task` on the DEN network is followed by task t's test accuracy (a
+diagnostic: nothing is chosen from it). Writes benchmarks/results/den_phases.{md,json}.
 """
 from __future__ import annotations
 
@@ -31,32 +31,34 @@ def _phase(t: int, pen, epochs: int, full: int) -> str:
 
 
 def run(size: int | None, seed: int, rule: str) -> list[dict]:
-    import slimkit.training.den as TD
-    from slimkit import den as D
+    from slimkit.methods.den import sequence as S
+    from slimkit.methods.den import steps as D
+    from slimkit.methods.den.baselines import new_net
+    from slimkit.methods.den.tasks import make_tasks, score
 
-    cfg = TD.DENConfig(tasks="permuted:5", train_per_class=size, seed=seed, expand_on=rule, baselines=())
-    tasks = TD.make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)
-    net = TD._new_net(cfg, (), cfg.seed)
+    cfg = S.DENConfig(tasks="permuted:5", train_per_class=size, seed=seed, expand_on=rule, baselines=())
+    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)
+    net = new_net(cfg, (), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     rows: list[dict] = []
-    orig = D.fit
+    orig = D.train_task
 
     def fit(m, t, data, masks, epochs, lr=0.01, batch_size=32, penalties=None, seed=0):
         loss = orig(m, t, data, masks, epochs, lr, batch_size, penalties, seed)
         if m is net:  # not the reference network of the val rule
             rows[-1]["phases"].append({"phase": _phase(t, penalties, epochs, cfg.epochs), "train_loss": loss,
-                                       "test_acc": TD.score(m, t, tasks[t - 1])})
+                                       "test_acc": score(m, t, tasks[t - 1])})
         return loss
 
-    D.fit = fit
+    D.train_task = fit
     try:
         for t, task in enumerate(tasks, 1):
             rows.append({"task": t, "phases": []})
-            rec = TD._den_task(net, t, task, cfg, gen)
-            rows[-1].update(final=TD.score(net, t, task), expanded=rec["expanded"], duplicated=rec["duplicated"],
+            rec = S._den_task(net, t, task, cfg, gen)
+            rows[-1].update(final=score(net, t, task), expanded=rec["expanded"], duplicated=rec["duplicated"],
                             selected=rec["selected"])
     finally:
-        D.fit = orig
+        D.train_task = orig
     return rows
 
 

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimkit.training.evolve import EvolveConfig, evolve, plot_generations
-from slimkit.training.loop import TrainConfig
+from slimkit.engine.loop import TrainConfig
+from slimkit.methods.ke.evolve import EvolveConfig, evolve, plot_generations
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -34,8 +34,8 @@ def _ms(xs: list[float]) -> str:
 
 
 def main() -> None:
-    from slimkit.training.evolve import EvolveConfig, evolve
-    from slimkit.training.loop import TrainConfig
+    from slimkit.engine.loop import TrainConfig
+    from slimkit.methods.ke.evolve import EvolveConfig, evolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", type=lambda s: [int(x) for x in s.split(",")])

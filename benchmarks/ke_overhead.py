@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimkit.training.evolve import EvolveConfig, evolve
-from slimkit.training.loop import TrainConfig
-from slimkit.training.train import TrainRunConfig, train
+from slimkit.engine.loop import TrainConfig
+from slimkit.engine.train import TrainRunConfig, train
+from slimkit.methods.ke.evolve import EvolveConfig, evolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit.bench import bench, check_trial, cpu_name, onnx_runner, torch_runner
-from slimkit.cost import count_macs, count_params
-from slimkit.export import to_verified_onnx
-from slimkit.graph import ChannelGraph, prunable_layers
-from slimkit.plan import kels_plan
+from slimkit.core.cost import count_macs, count_params
+from slimkit.core.graph import ChannelGraph, prunable_layers
+from slimkit.core.plan import kels_plan
+from slimkit.deploy.bench import bench
+from slimkit.deploy.export import to_verified_onnx
+from slimkit.deploy.runners import check_trial, cpu_name, onnx_runner, torch_runner
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

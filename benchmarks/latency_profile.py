@@ -4,7 +4,7 @@
         [--batches 1,8] [--runs 30] [--threads N]
 
 latency.py shows how far the slim/dense latency ratio is from the MAC ratio; this script shows
-why, with `slimkit.profile` (the same table `slimkit compare --profile` prints): ORT-CPU kernel time
+why, with `slimkit.deploy.profile` (the same table `slimkit compare --profile` prints): ORT-CPU kernel time
 by node kind (blocked/plain convs, depthwise convs, layout reorders, classifier, the rest) for dense
 and slim resnet18/resnet50/mobilenet_v2 at 224x224, beside each kind's MAC and activation ratio.
 Writes benchmarks/results/latency_profile_sr<rate>.{md,json}.
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 import slimkit
-from slimkit.bench import cpu_name
-from slimkit.export import to_verified_onnx
-from slimkit.graph import ChannelGraph
-from slimkit.plan import kels_plan
-from slimkit.profile import format_profile, profile_rows
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import kels_plan
+from slimkit.deploy.export import to_verified_onnx
+from slimkit.deploy.profile import format_profile, profile_rows
+from slimkit.deploy.runners import cpu_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from slimkit.training.loop import TrainConfig
-from slimkit.training.merge import MergeConfig, merge
-from slimkit.training.train import TrainRunConfig, train
+from slimkit.engine.loop import TrainConfig
+from slimkit.engine.train import TrainRunConfig, train
+from slimkit.methods.merge.merging import MergeConfig, merge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = [("teacher_a", "teacher A"), ("teacher_b", "teacher B"), ("better_teacher", "better teacher"),

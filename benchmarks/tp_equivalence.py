@@ -18,11 +18,12 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import slimkit  # noqa: E402
 from latency import tp_magnitude, widths  # noqa: E402
-from slimkit.export import to_verified_onnx  # noqa: E402
-from slimkit.graph import ChannelGraph  # noqa: E402
-from slimkit.plan import kels_plan  # noqa: E402
+
+import slimkit  # noqa: E402
+from slimkit.core.graph import ChannelGraph  # noqa: E402
+from slimkit.core.plan import kels_plan  # noqa: E402
+from slimkit.deploy.export import to_verified_onnx  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -9,27 +9,42 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> "module" (same name there) or "module:name"
 _EXPORTS = {
-    "SlimkitError": "slimkit.errors",
-    "save": "slimkit.checkpoint",
-    "load": "slimkit.checkpoint",
-    "read": "slimkit.checkpoint",
-    "create_model": "slimkit.models",
-    "list_models": "slimkit.models",
-    "register_model": "slimkit.models",
-    "KeepPlan": "slimkit.plan",
-    "kels_plan": "slimkit.plan",
-    "plan_masks": "slimkit.plan",
-    "wels_masks": "slimkit.plan",
-    "plan_from_masks": "slimkit.plan",
-    "apply_masks": "slimkit.plan",
-    "ChannelGraph": "slimkit.graph",
-    "apply_plan": "slimkit.surgery",
-    "cut": "slimkit.surgery",
-    "extract": "slimkit.extract",
-    "count_params": "slimkit.cost",
-    "count_macs": "slimkit.cost",
+    "SlimkitError": "slimkit.core.errors",
+    # networks and checkpoints
+    "create_model": "slimkit.models.registry",
+    "list_models": "slimkit.models.registry",
+    "register_model": "slimkit.models.registry",
+    "save": "slimkit.core.checkpoint",
+    "load": "slimkit.core.checkpoint",
+    "read": "slimkit.core.checkpoint",
+    # plans and the one surgery
+    "KeepPlan": "slimkit.core.plan",
+    "kels_plan": "slimkit.core.plan",
+    "plan_masks": "slimkit.core.plan",
+    "wels_masks": "slimkit.core.plan",
+    "plan_from_masks": "slimkit.core.plan",
+    "apply_masks": "slimkit.core.plan",
+    "ChannelGraph": "slimkit.core.graph",
+    "apply_plan": "slimkit.core.surgery",
+    "cut": "slimkit.core.surgery",
+    "count_params": "slimkit.core.cost",
+    "count_macs": "slimkit.core.cost",
+    # one function per verb; each takes paths or network objects where the verb reads a network
+    "extract": "slimkit.methods.ke.extract",
+    "export": "slimkit.deploy.export:export_onnx",
+    "bench": "slimkit.deploy.bench:bench_files",
+    "compare": "slimkit.deploy.compare",
+    "train": "slimkit.engine.train",
+    "TrainRunConfig": "slimkit.engine.train",
+    "TrainConfig": "slimkit.engine.loop",
+    "evolve": "slimkit.methods.ke.evolve",
+    "EvolveConfig": "slimkit.methods.ke.evolve",
+    "merge": "slimkit.methods.merge.merging",
+    "MergeConfig": "slimkit.methods.merge.merging",
+    "den": "slimkit.methods.den.sequence:run_den",
+    "DENConfig": "slimkit.methods.den.sequence",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -37,7 +52,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        module, _, attr = _EXPORTS[name].partition(":")
+        value = getattr(importlib.import_module(module), attr or name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'slimkit' has no attribute {name!r}")

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from slimkit import create_model, save
-from slimkit.bench import MemoryCounter, Runner, bench, make_runner
-from slimkit.export import export_onnx
+from slimkit.deploy.bench import bench
+from slimkit.deploy.export import export_onnx
+from slimkit.deploy.runners import MemoryCounter, Runner, make_runner
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_interleaves_models_and_reports_consistent_statistics():
 def test_percentiles_match_numpy():
     import numpy as np
 
-    from slimkit.bench import _pct
+    from slimkit.deploy.bench import _pct
 
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 50):
@@ -60,14 +61,19 @@ def test_percentiles_match_numpy():
 
 def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
     r = cli("bench", files / "a.onnx", files / "a.pt", "--batch", "1,2", "--runs", "3", "--warmup", "1",
-            "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+            "--out", tmp_path / "b", "--json")
     assert r.code == 0, r.err
-    rows = json.loads((tmp_path / "b.json").read_text())
+    rows = json.loads(r.out)["results"]  # --json: stdout is one JSON report and nothing else
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["results"] == rows
+    assert (tmp_path / "b" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| a.onnx | CPUExecutionProvider | 1 |" in (tmp_path / "b" / "bench.md").read_text()
     assert {(x["model"], x["engine"], x["batch"]) for x in rows} == {
         ("a.onnx", "onnxruntime", 1), ("a.pt", "torch", 1), ("a.onnx", "onnxruntime", 2), ("a.pt", "torch", 2)}
     assert all(x["p50_ms"] > 0 and x["threads"] >= 1 and x["input_shape"] == [3, 32, 32] for x in rows)
-    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| a.onnx | CPUExecutionProvider | 1 |" in r.out
+    r = cli("bench", files / "a.onnx", "--batch", "1", "--runs", "2", "--warmup", "1", "--out", tmp_path / "b")
+    assert r.code == 2 and "exists" in r.err  # a second run does not overwrite the first's files
+    r = cli("bench", files / "a.onnx", "--batch", "1", "--runs", "2", "--warmup", "1")
+    assert r.code == 0 and "| a.onnx | CPUExecutionProvider | 1 |" in r.out  # without --json: the table
 
 
 @pytest.mark.parametrize(
@@ -133,11 +139,13 @@ def test_torch_runner_half_and_channels_last(files):
     assert res[0].p50_ms > 0 and res[0].precision == "fp16"
 
 
-def test_bench_outputs_never_overwrite_a_benched_model(cli, files):
-    model = files / "a.onnx"
-    before = model.read_bytes()
-    r = cli("bench", model, "--json", model, "--force", "--runs", "1", "--warmup", "1")
-    assert r.code == 2 and "is the input" in r.err and model.read_bytes() == before, r.err
+def test_bench_refuses_the_old_json_file_argument_before_timing(cli, files, tmp_path):
+    # `--json FILE` (before --json meant stdout everywhere) would read FILE as a model: say what changed
+    r = cli("bench", files / "a.onnx", "--json", tmp_path / "b.json", "--runs", "1", "--warmup", "1")
+    assert r.code == 2 and "--json now prints the report on stdout" in r.err and len(r.err.splitlines()) == 1 and not (tmp_path / "b.json").exists()
+    (tmp_path / "f").write_text("x")
+    r = cli("bench", files / "a.onnx", "--out", tmp_path / "f", "--runs", "1", "--warmup", "1")
+    assert r.code == 2 and "not a directory" in r.err
 class _Allocator(MemoryCounter):
     """A stand-in for a GPU allocator: runs allocate and free; the counter keeps the peak since reset."""
 
@@ -169,7 +177,7 @@ def test_peak_memory_is_each_models_own_not_the_process_peak():
 
 
 def test_provider_options_follow_the_batches_and_the_precision(tmp_path):
-    from slimkit.bench import provider_options
+    from slimkit.deploy.runners import provider_options
 
     trt, cuda, cpu = provider_options("tensorrt", [32, 1, 128], "fp16", "input", (3, 224, 224), tmp_path, device_id=1)
     assert trt["trt_fp16_enable"] is True and trt["device_id"] == 1

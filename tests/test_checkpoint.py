@@ -6,11 +6,11 @@ import pickle
 
 import pytest
 import torch
-
 from conftest import randomize_bn, rel_err
+
 from slimkit import SlimkitError, apply_plan, create_model, load, read, save
-from slimkit.graph import ChannelGraph
-from slimkit.plan import kels_plan
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import kels_plan
 
 
 def _slim(model, rate=0.5):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ke_kels_masks, randomize_bn, rel_err
+
 from slimkit import create_model, load, save
-from slimkit.plan import apply_masks, wels_masks
+from slimkit.core.plan import apply_masks, wels_masks
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_extract_json_and_output_equals_masked_dense(cli, ckpt, tmp_path):
     assert rep["max_rel_diff"] <= 1e-5
     assert rep["slim"]["bytes"] == out.stat().st_size
     # the written network, loaded on its own, is the dense one with its reset hypothesis zeroed
-    from slimkit.graph import ChannelGraph
-    from slimkit.plan import kels_plan, plan_masks
+    from slimkit.core.graph import ChannelGraph
+    from slimkit.core.plan import kels_plan, plan_masks
 
     dense = load(ckpt)
     masks = plan_masks(ChannelGraph(dense, (3, 32, 32)), kels_plan(ChannelGraph(dense, (3, 32, 32)), 0.8))
@@ -251,7 +251,7 @@ class _Broken(torch.nn.Module):
 
 
 def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, monkeypatch):
-    from slimkit.models import register_model, list_models
+    from slimkit.models import list_models, register_model
 
     if "broken_for_tests" not in list_models():
         register_model("broken_for_tests", input_shape=(1, 4, 4))(_Broken)
@@ -271,7 +271,7 @@ def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, m
 def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
     import argparse
 
-    from slimkit.cli import build_parser
+    from slimkit.cli.app import build_parser
 
     parser = build_parser()
     verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
@@ -287,3 +287,22 @@ def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
             if a.default not in (None, False, argparse.SUPPRESS):
                 text = fmt._expand_help(a)
                 assert "default" in text and str(a.default).split(",")[0] in text, (verb, a.option_strings, text)
+        assert {"--json", "--quiet"} <= {o for a in sub._actions for o in a.option_strings}, verb  # in every verb
+
+
+def test_a_slim_network_that_is_not_the_masked_one_is_refused_and_nothing_written(cli, ckpt, tmp_path, monkeypatch):
+    import slimkit.methods.ke.extract as X
+
+    real_cut = X.cut
+
+    def off_by_a_little(graph, plan):  # a surgery bug: one kept weight off by 1e-3 of the largest
+        out = real_cut(graph, plan)
+        w = next(m.weight for m in graph.model.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            w[0, 0, 0, 0] += 1e-3 * float(w.abs().max())
+        return out
+
+    monkeypatch.setattr(X, "cut", off_by_a_little)
+    r = cli("extract", ckpt, "--split-rate", "0.5", "-o", tmp_path / "s.pt")
+    assert r.code == 2 and "verification failed" in r.err and "float64" in r.err, r.err
+    assert not (tmp_path / "s.pt").exists()

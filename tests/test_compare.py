@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from slimkit import create_model, save
-from slimkit.compare import compare
-from slimkit.data import digits
-from slimkit.errors import SlimkitError
-from slimkit.evaluate import accuracy
+from slimkit.core.errors import SlimkitError
+from slimkit.data.digits import digits
+from slimkit.deploy.compare import compare
+from slimkit.engine.evaluate import accuracy
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20.pt"
 
@@ -41,9 +41,9 @@ def test_compare_on_the_bundled_digits_model(cli, tmp_path):
 
 def test_compare_notes_unaligned_widths(tmp_path):
     """sr 0.8 of widths 16/32/64 gives 13/26/52: the report says so, and what to do about it."""
-    from slimkit.compare import unaligned_widths
-    from slimkit.extract import fit_hypothesis
-    from slimkit.checkpoint import read
+    from slimkit.core.checkpoint import read
+    from slimkit.deploy.compare import unaligned_widths
+    from slimkit.methods.ke.extract import fit_hypothesis
 
     ck = save(create_model("cifar_resnet", depth=8, width=16, num_classes=3), tmp_path / "m.pt")
     fh = fit_hypothesis(read(ck), 0.8)
@@ -101,8 +101,8 @@ def test_compare_does_not_clobber(cli, tmp_path):
 
 
 def test_layer_costs_add_up_to_the_macs(tmp_path):
-    from slimkit.cost import count_macs
-    from slimkit.profile import layer_costs
+    from slimkit.core.cost import count_macs
+    from slimkit.deploy.profile import layer_costs
 
     for name, kw in (("cifar_resnet", dict(depth=8, width=8)), ("mobilenet_v2", {})):
         model = create_model(name, **kw)
@@ -133,7 +133,7 @@ def test_compare_profile_explains_unaligned_widths(cli, tmp_path):
 
 
 def test_default_compare_dirs_of_two_versions_differ(tmp_path):
-    from slimkit.compare import default_compare_dir
+    from slimkit.deploy.compare import default_compare_dir
 
     a, b = default_compare_dir(tmp_path / "a.v1.pt"), default_compare_dir(tmp_path / "a.v2.pt")
     assert (a.name, b.name) == ("a.v1.compare", "a.v2.compare")

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from slimkit import load
-from slimkit.data import digits
+from slimkit.data.digits import digits
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20.pt"
 
@@ -61,7 +61,8 @@ def _ke_layout(root: Path, rows: dict[str, list[tuple[str, int]]]) -> Path:
 
 
 def test_ke_lists_layout_loads_labels_as_written(tmp_path):
-    from slimkit.data import image_dir, labels_of
+    from slimkit.data.images import image_dir
+    from slimkit.data.loading import labels_of
 
     root = _ke_layout(tmp_path / "flw", {"trn": [("jpg/a.png", 0), ("jpg/b.png", 2), ("jpg/c.png", 1)],
                                          "tst": [("jpg/d.png", 1), ("jpg/e.png", 0)]})
@@ -75,8 +76,8 @@ def test_image_folder_splits_with_different_class_folders_are_refused(tmp_path):
     """ImageFolder numbers each split's folders alone: test/ without class b would relabel c as 1."""
     import pytest
 
-    from slimkit.errors import SlimkitError
-    from slimkit.training.runs import datasets
+    from slimkit.core.errors import SlimkitError
+    from slimkit.data.select import datasets
 
     for split, classes in (("train", "abc"), ("test", "ac")):
         for c in classes:
@@ -123,8 +124,8 @@ def test_evolve_runs_on_a_ke_layout_dataset(cli, tmp_path):
 
 def test_bundled_ke_checkpoint_fit_hypothesis_keeps_its_accuracy():
     """The KE-trained demo: its extracted fit hypothesis (25% of the parameters) scores what the file records."""
-    from slimkit.checkpoint import read
-    from slimkit.extract import fit_hypothesis
+    from slimkit.core.checkpoint import read
+    from slimkit.methods.ke.extract import fit_hypothesis
 
     path = DEMO.with_name("digits_resnet20_ke.pt")
     fh = fit_hypothesis(read(path), 0.5)

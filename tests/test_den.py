@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from slimkit import create_model, load
-from slimkit import den as D
-from slimkit.errors import SlimkitError
-from slimkit.training.den import DENConfig, auroc, make_tasks, run_den
+from slimkit.core.errors import SlimkitError
+from slimkit.methods.den import steps as D
+from slimkit.methods.den.sequence import DENConfig, run_den
+from slimkit.methods.den.tasks import auroc, make_tasks
 
 
 def _net(hidden=(12, 6), heads=(2,), seed=0):
@@ -43,7 +44,7 @@ def test_fit_changes_only_the_masked_entries():
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     masks = D.selected_masks(net, [[1, 3], [0]], 1)
-    D.fit(net, 1, _data(), masks, epochs=3, lr=0.1, penalties=D.FitPenalties(l2=1e-3))
+    D.train_task(net, 1, _data(), masks, epochs=3, lr=0.1, penalties=D.Penalties(l2=1e-3))
     after = net.state_dict()
     for name, m in masks.items():
         changed = after[name] != before[name]
@@ -55,13 +56,13 @@ def test_fit_changes_only_the_masked_entries():
 
 def test_l1_and_group_lasso_reach_exact_zeros():
     net = _net()
-    D.fit(net, 1, _data(), {n: None for n, _ in net.named_parameters()}, epochs=5, lr=0.1,
-          penalties=D.FitPenalties(l1=0.5))
+    D.train_task(net, 1, _data(), {n: None for n, _ in net.named_parameters()}, epochs=5, lr=0.1,
+          penalties=D.Penalties(l1=0.5))
     assert (net.hidden[0].weight == 0).float().mean() > 0.5
     g = torch.Generator().manual_seed(1)
     D.add_head(net, 2, g)
     D.grow(net, 3, 2, g)
-    D.fit(net, 2, _data(col=5), D.new_unit_masks(net, 2), epochs=5, lr=0.1, penalties=D.FitPenalties(group=10.0))
+    D.train_task(net, 2, _data(col=5), D.new_unit_masks(net, 2), epochs=5, lr=0.1, penalties=D.Penalties(group=10.0))
     dead = D.dead_units(net, 2)
     assert dead == [[12, 13, 14], [6, 7, 8]]  # a strong group lasso zeroes every new unit's incoming row
 
@@ -111,13 +112,13 @@ def test_removal_is_physical_exact_and_keeps_timestamps(tmp_path):
 def test_split_restores_old_units_exactly_and_copies_keep_the_new_weights():
     net = _net(heads=(2,))
     task1 = _data()
-    D.fit(net, 1, task1, {n: None for n, _ in net.named_parameters()}, epochs=3, lr=0.1)
+    D.train_task(net, 1, task1, {n: None for n, _ in net.named_parameters()}, epochs=3, lr=0.1)
     x = task1.tensors[0]
     y1 = net(x, 1).detach()
     snap = D.snapshot(net)
     g = torch.Generator().manual_seed(0)
     D.add_head(net, 2, g)
-    D.fit(net, 2, _data(col=7), {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")},
+    D.train_task(net, 2, _data(col=7), {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")},
           epochs=3, lr=0.1)  # everything old drifts
     rho = D.drift(net, snap)
     assert all((r > 0).all() for r in rho)
@@ -213,7 +214,7 @@ def test_den_resume_equals_uninterrupted(tmp_path):
 
 
 def test_holdout_is_a_seeded_share_of_every_class():
-    from slimkit.training.den import _holdout
+    from slimkit.methods.den.sequence import _holdout
 
     y = torch.tensor([0] * 10 + [1] * 5 + [2])  # 20% of 10 is 2, of 5 is 1; a class of one keeps its image
     x = torch.arange(len(y), dtype=torch.float32)[:, None]
@@ -229,7 +230,7 @@ def test_val_rule_expands_where_the_training_loss_rule_cannot(tmp_path):
     """10 images a class are fitted to a training loss far below tau, so the paper's rule never expands, while the
     split (anchored hard towards W^1, no unit duplicated) leaves task 2 well below a network trained on task 2
     alone (STL, computed by its own baseline run). The validation rule sees that on held-out images and expands;
-    the new units lift task 2 and leave task 1's network as it was."""
+    the new units lift task 2."""
     common = dict(tasks="permuted:2", train_per_class=10, hidden=(64,), drift_lambda=1.0, sigma=100.0, seed=0)
     quiet = lambda m: None  # noqa: E731
     old = run_den(DENConfig(expand_on="train", baselines=("stl",), **common), tmp_path / "train", progress=False,
@@ -279,7 +280,7 @@ def test_conv_units_are_channels_through_every_step(tmp_path):
     torch.manual_seed(0)
     net = create_model("den_conv", channels=(6, 8), hidden=(5,), heads=(2,))
     task1, task2 = _data(n=48), _data(n=48, col=9)
-    D.fit(net, 1, task1, {n: None for n, _ in net.named_parameters()}, 3, 0.05, penalties=D.FitPenalties(l1=1e-2))
+    D.train_task(net, 1, task1, {n: None for n, _ in net.named_parameters()}, 3, 0.05, penalties=D.Penalties(l1=1e-2))
     x = task1.tensors[0]
     y1 = net(x, 1).detach()
     snap = D.snapshot(net)
@@ -289,14 +290,14 @@ def test_conv_units_are_channels_through_every_step(tmp_path):
     assert D.widths(net) == [9, 11, 8] and net.slimkit_spec.args["channels"] == (9, 11)
     with torch.no_grad():
         assert torch.equal(net(x, 1), y1)  # new channels are invisible to task 1
-    D.fit(net, 2, task2, D.new_unit_masks(net, 2), 3, 0.05, penalties=D.FitPenalties(group=5.0))
+    D.train_task(net, 2, task2, D.new_unit_masks(net, 2), 3, 0.05, penalties=D.Penalties(group=5.0))
     dead = D.dead_units(net, 2)
     assert sum(map(len, dead)) > 0
     want = net(x, 2).detach()
     D.remove_units(net, dead)  # conv channels removed by the surgery, exactly
     with torch.no_grad():
         assert torch.allclose(net(x, 2), want, atol=1e-6) and torch.equal(net(x, 1), y1)
-    D.fit(net, 2, task2, {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")}, 3, 0.05)
+    D.train_task(net, 2, task2, {n: None for n, _ in net.named_parameters() if not n.startswith("heads.0")}, 3, 0.05)
     assert not torch.allclose(net(x, 1), y1)
     D.split_units(net, snap, 0.0, 2)
     with torch.no_grad():
@@ -317,7 +318,7 @@ def test_den_on_an_image_folder(tmp_path, cli):
     import numpy as np
     from PIL import Image
 
-    from slimkit.data import digits
+    from slimkit.data.digits import digits
 
     for split in ("train", "test"):
         x, y = digits(split, image_size=8).tensors

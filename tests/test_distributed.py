@@ -1,4 +1,4 @@
-"""The device rule and the DDP process group (slimkit/training/distributed.py), without a GPU.
+"""The device rule and the DDP process group (slimkit/engine/distributed.py), without a GPU.
 
 The rank -> device mapping and the backend choice are pure functions of the environment and the
 GPU count, so the torchrun cases of a GPU host are checked here with env dicts. The process-group
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from slimkit.errors import SlimkitError
-from slimkit.training.distributed import backend_for, ddp_timeout, device_for
+from slimkit.core.errors import SlimkitError
+from slimkit.engine.distributed import backend_for, ddp_timeout, device_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def _two_ranks(rank0: str, rank1: str, timeout_s: float, wait_s: float = 60) -> 
         code = "\n".join([
             "import time",
             "import torch.distributed as dist",
-            "from slimkit.training.distributed import process_group",
+            "from slimkit.engine.distributed import process_group",
             "with process_group('cpu') as (rank, world):",
             "    print('backend', dist.get_backend(), flush=True)",
             f"    {body}"])

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from slimkit import create_model, load
-from slimkit.graph import ChannelGraph
-from slimkit.plan import apply_masks, kels_plan, plan_masks
-from slimkit.training.evolve import EvolveConfig, evolve, reinit_reset
-from slimkit.training.loop import TrainConfig
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import apply_masks, kels_plan, plan_masks
+from slimkit.engine.loop import TrainConfig
+from slimkit.methods.ke.evolve import EvolveConfig, evolve, reinit_reset
 
 
 def _cfg(**kw):
@@ -89,8 +89,8 @@ def test_wels_run_evaluates_the_masked_network(tmp_path):
     meta = torch.load(tmp_path / "w" / "gen1" / "last.pt", weights_only=True)["meta"]
     assert meta["split"]["mode"] == "wels"
     # recomputed by hand: the generation's network with its WELS masks, scored on the digits test split
-    from slimkit.data import digits
-    from slimkit.plan import wels_masks
+    from slimkit.core.plan import wels_masks
+    from slimkit.data.digits import digits
 
     x, y = digits("test", image_size=8, in_chans=1, seed=0).tensors
     for r in recs:
@@ -159,7 +159,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    assert p.stdout.count("generation 2/2") == 1 and p.stdout.count("wrote") == 1  # rank 0 only
+    assert p.stderr.count("generation 2/2") == 1 and p.stdout.count("wrote") == 1  # rank 0 only
     lines = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert [x["kind"] for x in lines].count("epoch") == 4  # logged once, not once per rank
     assert load(tmp_path / "d" / "gen2" / "last.pt").slimkit_spec.arch == "cifar_resnet"
@@ -167,8 +167,8 @@ def test_ddp_two_cpu_processes(tmp_path):
 
 _DDP_SCRIPT = """
 import sys
-from slimkit.training.evolve import EvolveConfig, evolve
-from slimkit.training.loop import TrainConfig
+from slimkit.methods.ke.evolve import EvolveConfig, evolve
+from slimkit.engine.loop import TrainConfig
 
 cfg = EvolveConfig(arch="cifar_resnet", generations=2, image_size=8, train_per_class=8,
                    train=TrainConfig(epochs=2, batch_size=16, warmup_epochs=1))
@@ -212,8 +212,8 @@ def test_ddp_resume_equals_uninterrupted_ddp(tmp_path):
 
 
 def test_cskd_term_and_pairs():
-    from slimkit.data import digits
-    from slimkit.training.loop import _ClassPairs, cskd_term
+    from slimkit.data.digits import digits
+    from slimkit.engine.loop import _ClassPairs, cskd_term
 
     z = torch.randn(5, 10)
     assert float(cskd_term(z, z)) == pytest.approx(0.0, abs=1e-6)  # identical predictions: no penalty
@@ -270,8 +270,8 @@ def test_torchvision_net_on_an_image_folder_end_to_end(cli, tmp_path):
 def test_cuda_layout_and_autocast_rehearsed_on_cpu(tmp_path, monkeypatch):
     """What only CUDA runs do to the model (channels_last weights and inputs, bf16 autocast), done on the CPU:
     re-initialisation, extraction, checkpoints and resume must all still hold."""
-    import slimkit.training.evolve as E
-    import slimkit.training.loop as L
+    import slimkit.engine.loop as L
+    import slimkit.methods.ke.evolve as E
 
     def prepare(model, device):
         return model.to(device).to(memory_format=torch.channels_last)

@@ -8,13 +8,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import randomize_bn, rel_err
+
 from slimkit import apply_plan, create_model, list_models, load, save
-from slimkit.errors import SlimkitError
-from slimkit.export import export_onnx
-from slimkit.graph import ChannelGraph
-from slimkit.plan import kels_plan
+from slimkit.core.errors import SlimkitError
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import kels_plan
+from slimkit.deploy.export import export_onnx
 
 
 def _shape(name):
@@ -103,7 +103,7 @@ def test_fp16_export_whose_output_overflows_is_refused_and_nothing_written(cli, 
 
 def test_fp16_export_beyond_its_stated_bound_is_refused(tmp_path):
     # a BN whose variance is tiny amplifies fp16's rounding of its input far beyond FP16_RTOL
-    from slimkit.export import FP16_RTOL, to_verified_onnx
+    from slimkit.deploy.export import FP16_RTOL, to_verified_onnx
 
     model = randomize_bn(create_model("cifar_resnet", depth=8, width=8), seed=1)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_fp16_export_beyond_its_stated_bound_is_refused(tmp_path):
 
 
 def test_fp16_is_verified_on_the_gpu_provider_when_a_gpu_is_usable():
-    from slimkit.export import verification_providers
+    from slimkit.deploy.export import verification_providers
 
     every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert verification_providers(True, every, cuda=True)[0] == "CUDAExecutionProvider"

@@ -26,9 +26,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 import slimkit
-from slimkit.evaluate import predictions
-from slimkit.graph import ChannelGraph
-from slimkit.plan import apply_masks, kels_plan, plan_masks, wels_masks
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import apply_masks, kels_plan, plan_masks, wels_masks
+from slimkit.engine.evaluate import predictions
 
 CUDA = torch.device("cuda", 0)
 SHAPE = dict(num_classes=10, in_chans=1, image_size=16)
@@ -105,7 +105,7 @@ def test_wels_masks_are_built_on_the_weights_device(fake):
 
 
 def test_reset_hypothesis_is_redrawn_on_the_gpu_from_a_cpu_generator():
-    from slimkit.training.evolve import reinit_reset
+    from slimkit.methods.ke.evolve import reinit_reset
 
     masks = _cpu_kels_masks("cifar_resnet", **SHAPE)
     with fake_gpu():
@@ -134,7 +134,7 @@ def test_a_network_on_the_gpu_is_traced_on_the_gpu(fake):
 
 
 def test_gated_student_on_the_gpu_gates_on_the_gpu(fake):
-    from slimkit.merge import GatedStudent
+    from slimkit.methods.merge.transform import GatedStudent
 
     net = on_cuda("cifar_resnet", **SHAPE)
     gated = GatedStudent(net)
@@ -149,7 +149,7 @@ def test_gated_student_on_the_gpu_gates_on_the_gpu(fake):
 
 def test_export_runs_a_library_callers_gpu_model_on_its_own_device(fake):
     # defect 10: export's verification input was a CPU tensor whatever the model's device
-    from slimkit.export import reference_output
+    from slimkit.deploy.export import reference_output
 
     model = on_cuda("cifar_resnet", **SHAPE)
     out = reference_output(model, torch.zeros(2, 1, 16, 16))
@@ -159,7 +159,7 @@ def test_export_runs_a_library_callers_gpu_model_on_its_own_device(fake):
 def test_den_steps_on_the_gpu(fake):
     # slimkit den --device cuda: heads, growth, masks, unit removal and duplication on the network's
     # device. (fit needs backward passes; select_units, dead_units and drift read values back.)
-    from slimkit import den as D
+    from slimkit.methods.den import steps as D
 
     net = on_cuda("den_mlp", hidden=(6, 5), heads=(), image_size=4, in_chans=1)
     gen = torch.Generator().manual_seed(0)  # on the CPU, as run_den holds it

@@ -8,9 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from slimkit.data import IMAGENET_MEAN, IMAGENET_STD, Images, digits, epoch_loader, eval_dataset, image_dir
-from slimkit.errors import SlimkitError
-from slimkit.training.runs import datasets
+from slimkit.core.errors import SlimkitError
+from slimkit.data.digits import digits
+from slimkit.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Images,
+    eval_dataset,
+    image_dir,
+)
+from slimkit.data.loading import epoch_loader
+from slimkit.data.select import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 

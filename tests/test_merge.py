@@ -9,11 +9,20 @@ import torch
 from conftest import randomize_bn, rel_err
 
 from slimkit import create_model, load, save
-from slimkit.errors import SlimkitError
-from slimkit.merge import BETA, GAMMA, LOG_ALPHA_INIT, ZETA, GatedStudent, compress, concat_teachers, gate_plan
-from slimkit.training.loop import TrainConfig
-from slimkit.training.merge import MergeConfig, merge
-from slimkit.training.train import TrainRunConfig, train
+from slimkit.core.errors import SlimkitError
+from slimkit.engine.loop import TrainConfig
+from slimkit.engine.train import TrainRunConfig, train
+from slimkit.methods.merge.merging import MergeConfig, merge
+from slimkit.methods.merge.transform import (
+    BETA,
+    GAMMA,
+    LOG_ALPHA_INIT,
+    ZETA,
+    GatedStudent,
+    compress,
+    concat_teachers,
+    gate_plan,
+)
 
 ARCHS = [
     ("cifar_resnet", dict(depth=8, width=8, num_classes=5, in_chans=1, image_size=8)),
@@ -259,11 +268,11 @@ def test_train_resume_equals_uninterrupted(tmp_path):
 def test_cli_train_and_merge(cli, tmp_path, teachers):
     r = cli("train", "--image-size", "8", "--train-per-class", "5", "--epochs", "1", "--seed", "4", "--out", tmp_path / "t")
     assert r.code == 0, r.err
-    assert (tmp_path / "t" / "last.pt").is_file() and "test accuracy" in r.out
+    assert (tmp_path / "t" / "last.pt").is_file() and "test accuracy" in r.err  # commentary: stderr
     r = cli("merge", *teachers, "--train-per-class", "6", "--gate-epochs", "1", "--finetune-epochs", "1",
             "--out", tmp_path / "m")
     assert r.code == 0, r.err
-    assert "merged student after fine-tuning" in r.out and (tmp_path / "m" / "last.pt").is_file()
+    assert "merged student after fine-tuning" in r.err and (tmp_path / "m" / "last.pt").is_file()
 
 
 def _bad_merge_inputs(tmp_path, teachers):
@@ -340,8 +349,8 @@ def test_device_auto_is_cpu_here_and_bit_identical_to_cpu(tmp_path):
 def test_cuda_layout_and_autocast_rehearsed_on_cpu(teachers, tmp_path, monkeypatch):
     """channels_last weights and inputs and bf16 autocast (what CUDA runs do), on the CPU: gates, compression,
     fine-tuning and resume in the gate phase must still work and agree."""
-    import slimkit.training.loop as L
-    import slimkit.training.merge as M
+    import slimkit.engine.loop as L
+    import slimkit.methods.merge.merging as M
 
     monkeypatch.setattr(L, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     monkeypatch.setattr(L, "_layout", lambda x, device: x.contiguous(memory_format=torch.channels_last))

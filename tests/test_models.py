@@ -7,12 +7,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import randomize_bn
 from torch import nn
 
 from slimkit import SlimkitError, create_model, load, save
 from slimkit.models import input_shape_of, list_sources, model_params
-
-from conftest import randomize_bn
 
 USER_MODULE = textwrap.dedent('''
     import torch
@@ -109,7 +108,7 @@ def test_checkpoint_with_unnamed_import_path_is_refused(user_module, tmp_path):
 def test_plugin_entry_point(user_module, tmp_path, monkeypatch):
     import importlib.metadata as md
 
-    import slimkit.models as models
+    import slimkit.models.registry as models
 
     ep = md.EntryPoint(name="tinyplug", value=f"{user_module}:tiny", group=models.PLUGIN_GROUP)
     monkeypatch.setattr(models, "_plugins", lambda: {"tinyplug": ep})

@@ -1,14 +1,21 @@
 """Split masks: KELS matches the paper's rule written independently; WELS is exact and seeded."""
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import ke_kels_masks
+
 from slimkit import SlimkitError, create_model
-from slimkit.graph import ChannelGraph
-from slimkit.plan import KeepPlan, check_split_rate, kels_count, kels_plan, plan_from_masks, plan_masks, wels_masks
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import (
+    KeepPlan,
+    check_split_rate,
+    kels_count,
+    kels_plan,
+    plan_from_masks,
+    plan_masks,
+    wels_masks,
+)
 
 
 @pytest.mark.parametrize("split_rate", [0.5, 0.8, 0.3])

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimkit.training.den import DENConfig, run_den
-from slimkit.training.evolve import EvolveConfig, evolve
-from slimkit.training.loop import TrainConfig
-from slimkit.training.merge import MergeConfig, merge
 from slimkit import load
-from slimkit.training.rundir import SimulatedCrash, crash_at
-from slimkit.training.train import TrainRunConfig, train
+from slimkit.engine.loop import TrainConfig
+from slimkit.engine.rundir import SimulatedCrash, crash_at
+from slimkit.engine.train import TrainRunConfig, train
+from slimkit.methods.den.sequence import DENConfig, run_den
+from slimkit.methods.ke.evolve import EvolveConfig, evolve
+from slimkit.methods.merge.merging import MergeConfig, merge
 
 QUIET = dict(progress=False, echo=lambda s: None)
 TIMINGS = ("seconds", "train_seconds")
@@ -47,7 +47,8 @@ def _merge_cfg() -> MergeConfig:
 
 
 def _den_cfg() -> DENConfig:
-    return DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, expand_on="train", tau=0.0, k=2, sigma=0.1, baselines=("dnn",))
+    return DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, expand_on="train", tau=0.0, k=2, sigma=0.1,
+                     baselines=("dnn",))
 
 
 @pytest.fixture(autouse=True)
@@ -233,6 +234,9 @@ def test_zoo_networks_evolve_at_the_chosen_size_resume_and_extract(arch, cli, tm
         evolve(cfg, tmp_path / "cut", **QUIET)
     evolve(cfg, tmp_path / "cut", resume=True, **QUIET)
     _same(_outcome(tmp_path / "cut", "gen2/last.pt"), _outcome(tmp_path / "full", "gen2/last.pt"), arch)
-    if arch == "timm/resnet18":  # a trained efficientnet_b0 is refused at verification (see README, Model sources)
-        r = cli("extract", tmp_path / "full" / "gen2" / "last.pt", "--split-rate", "0.5")
-        assert r.code == 0 and "verified" in r.out, r.err
+    # the trained efficientnet_b0 differs from its masked self by 7.4e-4 in float32 (round-off through
+    # activations ~1e3 and saturating SE gates); extract verifies in float64, where the cut is exact
+    r = cli("extract", tmp_path / "full" / "gen2" / "last.pt", "--split-rate", "0.5", "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["verify_dtype"] == "float64" and rep["max_rel_diff"] <= 1e-9

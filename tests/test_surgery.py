@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
-
 from conftest import randomize_bn, rel_err
+
 from slimkit import SlimkitError, apply_plan, count_params, create_model, list_models
-from slimkit.graph import ChannelGraph
-from slimkit.plan import KeepPlan, apply_masks, kels_plan, plan_masks
-from slimkit.surgery import cut
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import KeepPlan, apply_masks, kels_plan, plan_masks
+from slimkit.core.surgery import cut
 
 # torchvision nets are traced at 64x64 to keep CPU time down; channel coupling does not depend on
 # the spatial size (their classifiers sit behind adaptive pooling)

@@ -13,13 +13,12 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_bn, rel_err
 
 from slimkit import SlimkitError, count_params, create_model, load
-from slimkit.graph import ChannelGraph
-from slimkit.plan import apply_masks, kels_plan, plan_masks
-from slimkit.surgery import cut
-
-from conftest import randomize_bn, rel_err
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import apply_masks, kels_plan, plan_masks
+from slimkit.core.surgery import cut
 
 SPLIT = 0.5
 SHAPE = (3, 32, 32)  # small inputs keep the zoo within the test budget
@@ -168,7 +167,7 @@ def test_zoo_refusal_on_the_cli_is_one_line(cli, tmp_path):
 
 def _check_onnx(slim: torch.nn.Module, shape) -> None:
     """ONNX Runtime runs the exported slim network; to_verified_onnx refuses it unless it equals torch."""
-    from slimkit.export import to_verified_onnx
+    from slimkit.deploy.export import to_verified_onnx
 
     onnx = to_verified_onnx(slim, shape)
     assert onnx.max_rel_diff <= 1e-4 and len(onnx.data) > 0

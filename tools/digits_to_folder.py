@@ -19,7 +19,7 @@ import numpy as np
 def write(out: Path, layout: str = "both") -> dict[str, Path]:
     from PIL import Image
 
-    from slimkit.data import _digits_arrays, digits_split
+    from slimkit.data.digits import _digits_arrays, digits_split
 
     images, labels = _digits_arrays()
     px = np.rint(images.astype(np.float64) * 255 / 16).astype(np.uint8)  # (N, 8, 8)

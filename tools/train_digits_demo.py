@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import slimkit
-from slimkit.data import digits
-from slimkit.evaluate import accuracy
-from slimkit.graph import ChannelGraph
-from slimkit.plan import kels_plan
-from slimkit.surgery import apply_plan
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import kels_plan
+from slimkit.core.surgery import apply_plan
+from slimkit.data.digits import digits
+from slimkit.engine.evaluate import accuracy
 
 
 def main() -> None:

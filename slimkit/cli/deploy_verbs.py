@@ -1,0 +1,179 @@
+"""The verbs that read a trained network: extract, export, bench, compare, and the model list."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from slimkit.cli.options import (
+    fail,
+    finish_verb,
+    input_shape,
+    model_args,
+    positive_int,
+    source_args,
+    split_rate,
+    timing_args,
+)
+
+log = logging.getLogger("slimkit")
+
+
+def emit(args: argparse.Namespace, report: dict, human: str) -> None:
+    """The verb's report on stdout: JSON with --json, else the human text."""
+    print(json.dumps(report, indent=2) if args.json else human)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from slimkit.methods.ke.extract import extract
+
+    report = extract(
+        args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
+        num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
+        input_shape=args.input_shape,
+    )
+    emit(args, report.to_json(), report.table())
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from slimkit.deploy.export import export_onnx
+
+    report = export_onnx(
+        args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
+        fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
+        force=args.force,
+    )
+    emit(args, report.to_json(), report.summary())
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from slimkit.deploy.bench import bench_files
+
+    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
+    report = bench_files(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
+                         input_shape=args.input_shape, torch_fp16=args.torch_fp16, channels_last=args.channels_last,
+                         source=source, warmup=args.warmup, runs=args.runs, out=args.out, force=args.force)
+    emit(args, report.to_json(), report.table())
+    if args.out:
+        log.info(f"wrote {args.out}/bench.md, bench.json and bench.png")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from slimkit.deploy.bench import parse_batches
+    from slimkit.deploy.compare import compare, default_compare_dir
+
+    rep = compare(
+        args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
+        provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
+        force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
+        profile=args.profile,
+    )
+    emit(args, rep.to_json(), rep.markdown())
+    out = args.out or default_compare_dir(Path(args.ckpt))
+    log.info(f"wrote {out}/compare.md, compare.json, compare.png in {rep.seconds:.1f} s")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from slimkit.models import list_sources, zoo_outcomes
+
+    outcomes = zoo_outcomes()
+    rows = list_sources(args.filter)
+    if not rows:
+        return fail("models", f"no model source matches {args.filter!r}")
+    described = [_describe(name, kind, outcomes) for name, kind in rows]
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for d in described:
+        print(f"{d['kind']:11}  {d['signature']}  {d['input']}  cut: {d['cut']}")
+    print(f"\n{len(rows)} sources. Also: --arch package.module:callable (your own model class or function). "
+          "A plain state_dict needs --arch, and --model-args for any argument other than num_classes that "
+          "differs from these defaults; 'cut' is the zoo test's outcome (benchmarks/results/zoo.md).")
+    return 0
+
+
+def _describe(name: str, kind: str, outcomes: dict) -> dict:
+    """One model source: kind, signature, default input and cut status; a source that cannot load says why."""
+    from slimkit.core.errors import SlimkitError
+    from slimkit.models import input_shape_of, model_signature
+
+    try:
+        sig, shape = model_signature(name), "x".join(map(str, input_shape_of(name)))
+    except SlimkitError as exc:
+        sig, shape = name, f"({exc})"
+    return {"name": name, "kind": kind, "signature": sig, "input": shape, "cut": outcomes.get(name, "untested")}
+
+
+def add_parsers(sub) -> None:
+    e = sub.add_parser(
+        "extract", help="cut the KELS fit hypothesis out of a checkpoint as a smaller dense network",
+        description="Build the fit hypothesis of a trained network as a physically smaller dense network, "
+        "verify it equals the dense network with its reset hypothesis zeroed, write it (CKPT.slim.pt by "
+        "default) and print dense vs slim parameters, MACs and file size.",
+    )
+    source_args(e)
+    e.add_argument("--split-rate", type=split_rate, help="fraction of channels in the fit hypothesis, in (0, 1); "
+                   "optional for KE checkpoints whose masks define the split")
+    e.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="only kels has a slim network")
+    e.add_argument("-o", "--output", help="where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
+    e.add_argument("--input-shape", type=input_shape,
+                   help="C,H,W input of a plain state_dict's network (default: the model source's, e.g. a timm "
+                   "model's config); a slimkit checkpoint records its own")
+    finish_verb(e, _cmd_extract, force="overwrite an existing output")
+
+    x = sub.add_parser(
+        "export", help="export a checkpoint to ONNX, verified against PyTorch in ONNX Runtime",
+        description="Export to a self-contained ONNX file with input 'input', output 'logits' and a dynamic "
+        "batch axis. The file is run in ONNX Runtime on random input before it is written: an fp32 export "
+        "that differs from PyTorch by more than 1e-4 relative is refused.",
+    )
+    source_args(x)
+    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    x.add_argument("--input-shape", help="N,C,H,W or C,H,W (default: the checkpoint's); batch stays dynamic")
+    x.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
+    x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
+    x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")
+    finish_verb(x, _cmd_export, force="overwrite an existing output")
+
+    b = sub.add_parser(
+        "bench", help="latency/throughput of ONNX files (ONNX Runtime) and checkpoints (torch eager)",
+        description="Time the given models at each batch size: warm-up, then timed runs interleaved across "
+        "models in blocks of 5 (A.. B.. B.. A..), each block after a 50 ms pause and one untimed run so the "
+        "previous model's threads are idle. Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
+    )
+    b.add_argument("models", nargs="+", help=".onnx files and/or checkpoints")
+    b.add_argument("--arch", help="architecture of plain state_dict checkpoints (see `slimkit models`)")
+    b.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict checkpoints")
+    b.add_argument("--model-args", type=model_args, help="other constructor arguments of plain state_dicts")
+    timing_args(b)
+    b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
+    b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")
+    b.add_argument("--channels-last", action="store_true", help="run checkpoints in channels_last memory format (torch)")
+    b.add_argument("--out", help="also write bench.md, bench.json and bench.png (latency vs batch) into this directory")
+    finish_verb(b, _cmd_bench, force="overwrite existing files in --out")
+
+    c = sub.add_parser(
+        "compare", help="dense vs fit hypothesis: params, MACs, ONNX size, latency, accuracy",
+        description="Cut the KELS fit hypothesis, export dense and slim to ONNX (verified), time both "
+        "interleaved on one provider, and report speed-up against the MAC ratio; with --data, accuracy too. "
+        "Writes compare.md, compare.json and compare.png.",
+    )
+    source_args(c)
+    c.add_argument("--split-rate", type=split_rate, help="fraction of channels kept, in (0, 1)")
+    c.add_argument("--data", help="'digits' or a dataset directory (ImageFolder test/ or val/, or KE lists/tst.csv)")
+    timing_args(c)
+    c.add_argument("--profile", action="store_true",
+                   help="also show ONNX Runtime's CPU kernel time by node kind (convs blocked/plain, depthwise, "
+                   "reorders, classifier) for both networks: why the slim one saves more or less than its MACs")
+    c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
+    finish_verb(c, _cmd_compare, force="overwrite existing report files")
+
+    m = sub.add_parser("models", help="list the model sources slimkit can build, with arguments, input and cut status")
+    m.add_argument("--filter", help="only names containing this text (e.g. efficientnet, timm/resnet)")
+    finish_verb(m, _cmd_models)

@@ -1,0 +1,206 @@
+"""What every verb's parser shares: the help formatter, argument types and the flag groups."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the text already states it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --gen for --generations would hide from --resume's flag check
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # argparse prints usage + message over two lines; we print one
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def split_rate(text: str) -> float:
+    from slimkit.core.errors import SlimkitError
+    from slimkit.core.plan import check_split_rate
+
+    try:
+        return check_split_rate(text)
+    except SlimkitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def int_at_least(low: int, allowed: str):
+    """argparse type for an integer >= ``low``; ``allowed`` says so in the refusal."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return n
+
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+workers_count = int_at_least(0, "0 (load in the training process) or more")
+
+
+def augment_arg(p: argparse.ArgumentParser) -> None:
+    from slimkit.data.augment import AUGMENT_HELP, AUGMENTS
+
+    p.add_argument("--augment", default="auto", choices=("auto", *AUGMENTS), metavar="PRESET", help=AUGMENT_HELP)
+
+
+def model_args(text: str) -> dict:
+    """``depth=56,width=32`` (or a JSON object) -> constructor arguments; values parse as JSON scalars."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            out = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+        if not isinstance(out, dict):
+            raise argparse.ArgumentTypeError("must be a JSON object or key=value pairs")
+        return out
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):  # split at top-level commas: widths=[16,32] stays one item
+        depth += (ch in "[({") - (ch in "])}")
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for item in filter(None, items):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise argparse.ArgumentTypeError(f"expected key=value pairs like depth=56,width=32, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value.strip()  # a bare word is a string
+    return out
+
+
+def real(positive: bool):
+    """argparse type for a finite number, > 0 (``positive``) or >= 0."""
+    import math
+
+    word = "positive" if positive else "non-negative"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}") from None
+        if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
+            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}")
+        return v
+
+    return parse
+
+
+positive_float, nonneg_float = real(True), real(False)
+
+
+def fail(verb: str, msg: str) -> int:
+    sys.stderr.write(f"slimkit {verb}: error: {msg}\n")
+    return 2
+
+
+def input_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be C,H,W integers like 3,64,64, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"must be three positive integers C,H,W, got {text!r}")
+    return shape
+
+
+def source_args(p: argparse.ArgumentParser) -> None:
+    """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
+    p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    p.add_argument("--arch", help="model source of a plain state_dict: a built-in or torchvision name, timm/NAME, or "
+                   "package.module:callable (see `slimkit models`); also allows a checkpoint built by that import path")
+    p.add_argument("--num-classes", type=positive_int, help="classes of a plain state_dict (inferred when omitted)")
+    p.add_argument("--model-args", type=model_args,
+                   help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
+                   "(see `slimkit models`)")
+
+
+def timing_args(p: argparse.ArgumentParser) -> None:
+    """How to time: shared by bench and compare."""
+    p.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--provider", default="cpu", help="cpu | cuda | tensorrt (ONNX Runtime) | torch (eager, CPU)")
+    p.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores)")
+    p.add_argument("--warmup", type=positive_int, default=10, help="untimed runs per model and batch")
+    p.add_argument("--runs", type=positive_int, default=50, help="timed runs per model and batch")
+
+
+def optim_args(p: argparse.ArgumentParser) -> None:
+    """Optimiser and loss flags shared by the training verbs."""
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per training step")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 penalty on every parameter (SGD weight decay)")
+    p.add_argument("--loss", default="ce", choices=("ce", "smooth", "cskd"),
+                   help="cross-entropy, label smoothing 0.1, or CS-KD (class-wise self-distillation, T=4)")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, masks, shuffling and augmentation: same seed, same CPU run")
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
+    p.add_argument("--train-per-class", type=positive_int, help="seeded per-class subset of the training split")
+    p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and at the end)")
+    augment_arg(p)
+
+
+def from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
+    """Network, schedule, optimiser and data flags of the verbs that train a registry net from scratch."""
+    p.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    p.add_argument("--epochs", type=positive_int, default=30, help=epochs_help)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
+    p.add_argument("--warmup-epochs", type=int, default=5, help="linear learning-rate warm-up epochs before the cosine decay")
+    optim_args(p)
+    data_args(p)
+    p.add_argument("--image-size", type=positive_int,
+                   help="square input side the data is resized to (default: 16 for the built-in small nets; a "
+                   "torchvision, timm or own model's default input, e.g. 224)")
+    p.add_argument("--num-classes", type=positive_int,
+                   help="the classes the data must have (default: whatever the data has)")
+
+
+def run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda; CUDA trains "
+                   "under bf16 autocast with channels_last")
+    p.add_argument("--out", help="new run directory (must be empty or absent)")
+    p.add_argument("--resume", help="continue the run in this directory (same settings)")
+    p.add_argument("--workers", type=workers_count, default=None,
+                   help="loader processes for image directories (default: one per CPU less one, at most 8, and 0 "
+                   "below 4 CPUs; 0 loads in the training process); results do not depend on it")
+
+
+def finish_verb(p: argparse.ArgumentParser, func, force: str | None = None, **defaults) -> None:
+    """The flags every verb ends with: --force (for verbs that write files), --json, --quiet; then its function."""
+    if force:
+        p.add_argument("--force", action="store_true", help=force)
+    report_args(p)
+    p.set_defaults(func=func, **defaults)
+
+
+def report_args(p: argparse.ArgumentParser) -> None:
+    """--json and --quiet: the same meaning in every verb."""
+    p.add_argument("--json", action="store_true",
+                   help="print one machine-readable JSON report on stdout (and nothing else there); files go "
+                   "where --out/-o says")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress or information lines on stderr (warnings and errors still show)")

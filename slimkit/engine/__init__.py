@@ -1,0 +1,1 @@
+"""Training: the loop, the run directory, DDP, the epoch runner, accuracy, and `slimkit train`."""

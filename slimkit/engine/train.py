@@ -1,0 +1,140 @@
+"""Plain training from scratch: `slimkit train` (the teachers that merging starts from).
+
+The same loop, data and run directory as evolve: ``last.pt`` (a self-describing checkpoint),
+``metrics.jsonl``, ``summary.md``, ``curves.png``, ``state.pt`` for --resume, DDP under torchrun.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from slimkit.core.cost import count_params
+from slimkit.core.errors import SlimkitError
+from slimkit.data.augment import resolve_augment
+from slimkit.data.loading import check_workers
+from slimkit.data.select import datasets, num_classes_of
+from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
+from slimkit.engine.epochs import StopAfter, input_kwargs, run_epochs
+from slimkit.engine.evaluate import accuracy
+from slimkit.engine.loop import TrainConfig, make_optimizer, prepare_model
+from slimkit.engine.rundir import RunDir
+from slimkit.models import create_model, input_shape_of
+
+log = logging.getLogger("slimkit")
+
+__all__ = ["TrainRunConfig", "train", "plot_curves"]
+
+
+@dataclasses.dataclass
+class TrainRunConfig:
+    arch: str = "cifar_resnet"  # registry name
+    data: str = "digits"  # "digits" (bundled) or a dataset directory
+    image_size: int | None = None  # square input side; None: 16 for the small nets, the source's own (e.g. 224) otherwise
+    train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
+    num_classes: int | None = None  # if given, the data must have exactly this many classes
+    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
+    augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if self.train_per_class is not None and int(self.train_per_class) < 1:
+            raise SlimkitError(f"train_per_class must be a positive integer, got {self.train_per_class!r}")
+        if int(self.eval_every) < 1:
+            raise SlimkitError(f"eval_every must be a positive integer, got {self.eval_every!r}")
+        if self.image_size is not None and int(self.image_size) < 4:
+            raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
+        resolve_augment(self.augment, int(self.image_size or 16))  # refuses an unknown preset
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
+          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
+          _stop_after_epochs: int | None = None) -> dict[str, Any]:
+    """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
+
+    ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
+    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it."""
+    workers = check_workers(workers)
+    device = resolve_device(device)  # before the group: the chosen device picks its backend
+    with process_group(device) as (rank, world):
+        return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
+                      StopAfter(_stop_after_epochs), rank, world, device, workers)
+
+
+def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
+           rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
+    run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0).check()
+    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
+    shape = input_shape_of(cfg.arch, **kwargs)
+    train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
+    model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
+    barrier(world)  # every rank has checked the directory and the data before rank 0 writes
+    run.begin()
+    net = ddp(prepare_model(model, device), world)
+    opt = make_optimizer(net, cfg.train)
+    start = 0
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        opt.load_state_dict(run.state["optimizer"])
+        start = int(run.state["epochs_done"])
+        echo(f"{out} has run all {start} epochs; writing its outputs again from state.pt" if start >= cfg.train.epochs
+             else f"resuming {out} at epoch {start + 1}")
+    finished = run_epochs(
+        net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
+        run=run, progress=progress, eval_every=cfg.eval_every,
+        augment=train_ds.batch_augment, stop=stop, device=device,
+        state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
+    if not finished or not run.main:
+        return {}
+    acc = accuracy(model, test, device=device)
+    run.save_model(model, "last.pt", metrics={"test_acc": acc, "epochs": cfg.train.epochs},
+                   data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+                         "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed,
+                         "preprocess": train_ds.preprocess},
+                   provenance={"recipe": "slimkit train", "config": cfg.to_json()})
+    params = count_params(model)
+    run.write_text("summary.md",
+        f"# {cfg.arch} trained on {cfg.data}\n\n"
+        f"{cfg.train.epochs} epochs, loss {cfg.train.loss}, lr {cfg.train.lr:g}, seed {cfg.train.seed}"
+        + (f", {cfg.train_per_class} training images per class (subset seed {cfg.subset_seed})" if cfg.train_per_class else "")
+        + f"\n\n| test accuracy | parameters |\n|---:|---:|\n| {100 * acc:.2f}% | {params:,} |\n")
+    run.write_figure("curves.png", plot_curves(run.records("epoch"), title=f"{cfg.arch} on {cfg.data}"))
+    echo(f"trained {cfg.arch} for {cfg.train.epochs} epochs: test accuracy {100 * acc:.2f}%  -> {out / 'last.pt'}")
+    return {"test_acc": acc, "params": params}
+
+
+def plot_curves(records: list[dict[str, Any]], title: str = ""):
+    """A figure of training loss and test accuracy against epoch (one line per phase)."""
+    from slimkit.core.plots import figure
+
+    fig, (ax1, ax2) = figure(1, 2, size=(9, 3.4))
+    phases = list(dict.fromkeys(r.get("phase", "train") for r in records))
+    offset = 0
+    for ph in phases:
+        rs = [r for r in records if r.get("phase", "train") == ph]
+        ax1.plot([offset + r["epoch"] for r in rs], [r["loss"] for r in rs], label=ph)
+        ev = [r for r in rs if "test_acc" in r]
+        ax2.plot([offset + r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], marker=".", label=ph)
+        offset += max((r["epoch"] for r in rs), default=0)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy (%)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        if len(phases) > 1:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,1 @@
+"""The compression methods: Knowledge Evolution (ke/), merging (merge/), Dynamically Expandable Networks (den/)."""

@@ -1,0 +1,257 @@
+"""`slimkit extract`: the fit hypothesis of a trained network as a physically smaller network."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimkit.core.checkpoint import Loaded, save, source, state_dict_bytes
+from slimkit.core.cost import MacCounter, count_params
+from slimkit.core.errors import SlimkitError
+from slimkit.core.fileio import check_output
+from slimkit.core.graph import ChannelGraph
+from slimkit.core.plan import (
+    KeepPlan,
+    apply_masks,
+    check_split_rate,
+    kels_plan,
+    plan_from_masks,
+    plan_masks,
+)
+from slimkit.core.surgery import cut
+from slimkit.models import spec_of
+
+__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "extract", "default_output", "SPLIT_MODES"]
+
+SPLIT_MODES = ("kels", "wels")
+# Refuse to write when slim and masked dense differ by more, relative to max |logit|. The two are
+# compared in float64, where a correct cut agrees to ~1e-13 and a wrong one (a leaked or lost
+# channel) differs by the size of that channel's contribution. In float32 the two summation orders
+# alone can differ by more than 1e-4 on a trained network with large activations and saturating
+# gates (a trained efficientnet_b0: 7.4e-4 in float32, 2.3e-13 in float64), so float32 is only the
+# fallback for a network that cannot run in float64, with the looser bound.
+VERIFY_RTOL = 1e-9
+VERIFY_RTOL_FP32 = 1e-4
+
+
+@dataclasses.dataclass
+class ExtractReport:
+    source: str
+    output: str
+    source_kind: str
+    arch: str
+    input_shape: list[int]
+    split_mode: str
+    split_rate: float | None
+    dense: dict[str, int]  # params, macs, bytes
+    slim: dict[str, int]
+    max_abs_diff: float
+    max_rel_diff: float
+    verify_batch: int
+    seconds: float
+    verify_dtype: str = "float64"  # float32 only for a network without float64 kernels
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ratio"] = {k: self.slim[k] / self.dense[k] for k in self.dense}
+        return d
+
+    def table(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        rate = f", split rate {self.split_rate:g}" if self.split_rate is not None else ""
+        rows = [
+            ("parameters", f"{self.dense['params']:,}", f"{self.slim['params']:,}", self.slim["params"] / self.dense["params"]),
+            (f"MACs @ {shape}", _si(self.dense["macs"]), _si(self.slim["macs"]), self.slim["macs"] / self.dense["macs"]),
+            ("checkpoint size", _mb(self.dense["bytes"]), _mb(self.slim["bytes"]), self.slim["bytes"] / self.dense["bytes"]),
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        lines = [
+            f"{self.arch} ({self.source_kind} checkpoint {self.source}): {self.split_mode.upper()} fit hypothesis{rate}",
+            f"{'':{w0}}  {'dense':>14}  {'slim':>14}  {'slim/dense':>10}",
+        ]
+        lines += [f"{a:{w0}}  {b:>14}  {c:>14}  {r:>10.3f}" for a, b, c, r in rows]
+        lines.append(
+            f"verified: max |slim(x) - masked_dense(x)| = {self.max_abs_diff:.2e} "
+            f"(relative {self.max_rel_diff:.1e}) on {self.verify_batch} random inputs, in {self.verify_dtype}"
+        )
+        lines.append(f"wrote {self.output} in {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _si(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def default_output(ckpt: Path) -> Path:
+    """``ckpt.pt`` -> ``ckpt.slim.pt`` beside it."""
+    name = ckpt.name
+    for suffix in (".pth.tar", ".pt", ".pth", ".tar", ".ckpt"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return ckpt.with_name(name + ".slim.pt")
+
+
+@dataclasses.dataclass
+class FitHypothesis:
+    """The slim network cut out of a loaded checkpoint, verified against the masked dense one."""
+
+    dense: torch.nn.Module
+    slim: torch.nn.Module
+    plan: KeepPlan
+    split_rate: float | None
+    dense_macs: int
+    slim_macs: int
+    max_abs_diff: float
+    max_rel_diff: float
+    verify_batch: int
+    round_to: int = 1
+    verify_dtype: str = "float64"
+
+
+def _name(obj: Any) -> str:
+    """How a report names what it read: the path, or the class of a network object."""
+    return f"<{type(obj).__name__} object>" if isinstance(obj, torch.nn.Module) else str(obj)
+
+
+def _check_split_mode(split_mode: str) -> None:
+    if split_mode not in SPLIT_MODES:
+        raise SlimkitError(f"unknown split mode {split_mode!r}; available: {', '.join(SPLIT_MODES)}")
+    if split_mode == "wels":
+        raise SlimkitError(
+            "WELS has no slim network: its fit hypothesis is a random scatter of single weights, so no "
+            "filter or channel can be removed; use --split-mode kels"
+        )
+
+
+def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_batch: int = 2) -> FitHypothesis:
+    """Cut the KELS fit hypothesis out of ``src`` and verify slim == dense with its reset part zeroed.
+
+    The split comes from the file's masks (official KE checkpoints) or from ``split_rate``.
+    Raises (writes nothing) when the two disagree by more than VERIFY_RTOL.
+    """
+    sr = None if split_rate is None else check_split_rate(split_rate)
+    dense, spec = src.model, spec_of(src.model)
+    recorded = src.meta.get("split") or {}
+    round_to = int(recorded.get("round_to", 1))  # a network trained with aligned widths is cut with them
+    if recorded.get("mode") == "wels":
+        raise SlimkitError(f"{src.path} was trained with a WELS split, which has no slim network; only KELS splits can be extracted")
+    if src.masks is None and sr is None:
+        raise SlimkitError("--split-rate is required (e.g. --split-rate 0.5): this checkpoint carries no split masks")
+
+    slim = copy.deepcopy(dense)
+    graph = ChannelGraph(slim, spec.input_shape)  # traced once: plan, masks and cut all read it
+    if src.masks is not None:
+        plan = plan_from_masks(graph, src.masks, origin=f"masks of {src.path.name}")
+        if sr is not None and kels_plan(graph, sr, round_to).keep != plan.keep:
+            raise SlimkitError(
+                f"--split-rate {sr:g} disagrees with the split masks stored in {src.path}; omit --split-rate to use the file's masks"
+            )
+        fit_masks = src.masks
+    else:
+        plan = kels_plan(graph, sr, round_to)
+        fit_masks = plan_masks(graph, plan)
+    masked = apply_masks(copy.deepcopy(dense), fit_masks)
+    cut(graph, plan)
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(verify_batch, *spec.input_shape, generator=gen)
+    with torch.inference_mode(), MacCounter(masked) as dense_macs, MacCounter(slim) as slim_macs:
+        masked(x), slim(x)  # masked has the dense network's shapes, so its MACs
+    max_abs, max_rel, dtype = _verify(masked, slim, x)
+    bound = VERIFY_RTOL if dtype == "float64" else VERIFY_RTOL_FP32
+    if not max_rel <= bound:  # also catches NaN
+        raise SlimkitError(
+            f"verification failed: slim and masked dense networks differ by {max_abs:.3e} in {dtype} "
+            f"(relative {max_rel:.1e} > {bound:g}); nothing written. Please report this network."
+        )
+    return FitHypothesis(dense, slim, plan, sr, dense_macs.per_sample, slim_macs.per_sample, max_abs, max_rel,
+                         verify_batch, round_to, dtype)
+
+
+def _verify(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
+    """max |slim(x) - masked(x)|, relative to max |masked(x)|, and the dtype compared in (``masked`` is a
+    throwaway copy; ``slim`` is left in float32)."""
+    try:
+        with torch.inference_mode():
+            y_ref = masked.double()(x.double())
+            y_slim = copy.deepcopy(slim).double()(x.double())
+        dtype = "float64"
+    except (RuntimeError, TypeError, NotImplementedError):  # an op without a float64 kernel
+        with torch.inference_mode():
+            y_ref, y_slim = masked.float()(x), slim(x)
+        dtype = "float32"
+    max_abs = float((y_slim - y_ref).abs().max())
+    return max_abs, max_abs / max(float(y_ref.abs().max()), 1e-12), dtype
+
+
+def extract(
+    ckpt: str | Path | torch.nn.Module,
+    split_rate: float | None = None,
+    split_mode: str = "kels",
+    arch: str | None = None,
+    num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    seed: int = 0,
+    verify_batch: int = 2,
+    input_shape: tuple[int, ...] | None = None,
+) -> ExtractReport:
+    """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
+
+    For an official Knowledge Evolution checkpoint the masks in the file define the split and
+    ``split_rate`` may be omitted (when given, it must agree with them). ``input_shape`` (C, H, W)
+    overrides the default input of a plain state_dict's model source (e.g. a timm model's config).
+    """
+    t0 = time.perf_counter()
+    is_object = isinstance(ckpt, torch.nn.Module)
+    _check_split_mode(split_mode)
+    if split_rate is not None:
+        check_split_rate(split_rate)  # a bad rate is reported before anything is read
+    if is_object:
+        if out is None:
+            raise SlimkitError("extract of a network object needs out=PATH (there is no file to write beside)")
+        if getattr(ckpt, "slimkit_spec", None) is None:
+            raise SlimkitError(f"this {type(ckpt).__name__} was not built by slimkit.create_model: a slim checkpoint "
+                               "must say how to rebuild its network; build it with create_model (your own class as "
+                               "package.module:callable, or register_model)")
+    else:
+        ckpt = Path(ckpt)
+        if not ckpt.exists():
+            raise SlimkitError(f"no such file: {ckpt}")
+    out = Path(out) if out is not None else default_output(ckpt)
+    check_output(out, force, inputs=() if is_object else (ckpt,))
+
+    src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape)
+    fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
+    dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
+    max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff
+    meta = {
+        "split": {"mode": "kels", "rate": sr, **({"round_to": fh.round_to} if fh.round_to > 1 else {})},
+        "provenance": {"source": _name(ckpt), "source_sha256": src.sha256, "source_kind": src.kind},
+        "verified": {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batch": verify_batch, "seed": seed,
+                     "dtype": fh.verify_dtype},
+    }
+    if "classes" in src.meta:
+        meta["classes"] = src.meta["classes"]
+    save(slim, out, force=force, **meta)
+    return ExtractReport(
+        source=_name(ckpt), output=str(out), source_kind=src.kind, arch=spec.arch,
+        input_shape=list(spec.input_shape), split_mode="kels", split_rate=sr,
+        dense={"params": count_params(dense), "macs": fh.dense_macs, "bytes": state_dict_bytes(dense)},
+        slim={"params": count_params(slim), "macs": fh.slim_macs, "bytes": out.stat().st_size},
+        max_abs_diff=max_abs, max_rel_diff=max_rel, verify_batch=verify_batch,
+        seconds=time.perf_counter() - t0, verify_dtype=fh.verify_dtype,
+    )
