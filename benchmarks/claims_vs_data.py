@@ -35,6 +35,12 @@ CELLS = RESULTS / "claims_vs_data_cells.json"
 SIZES = ("10", "20", "50", "all")
 
 
+def cpu_name() -> str:
+    from slimkit.deploy.runners import cpu_name as name
+
+    return name()
+
+
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -177,8 +183,8 @@ def report(cells: dict, commands: list[str]) -> None:
              "Test accuracy (%), mean ± sd over the seeds run (n = seeds); `all` is the full training split "
              "(digits: every training image; glyphs: 158 fonts a class). Generated from the cached cells by "
              "`benchmarks/claims_vs_data.py --report`; the runs: " + "; ".join(f"`{c}`" for c in commands) + ".",
-             f"CPU: {_cpu()}, 1 thread per run ({platform.python_version()}).", ""]
-    js: dict = {"commands": commands, "cpu": _cpu(), "ke": {}, "merge": {}, "den": {}}
+             f"CPU: {cpu_name()}, 1 thread per run ({platform.python_version()}).", ""]
+    js: dict = {"commands": commands, "cpu": cpu_name(), "ke": {}, "merge": {}, "den": {}}
     lines += ["## Knowledge Evolution (cifar_resnet 16x16, KELS sr 0.5, fit hypothesis = 25% of the parameters)", "",
               "| data | images/class | n | dense N1 | dense N5 | fit N5 | single, 5E epochs | dense N10 | fit N10 | "
               "single, 10E epochs | fit N10 > N1? | fit N10 > single 10E? |", "|---|---:|---:|" + "---:|" * 9]
@@ -256,18 +262,6 @@ def report(cells: dict, commands: list[str]) -> None:
     (RESULTS / "claims_vs_data.json").write_text(json.dumps(js, indent=1) + "\n")
     _plots(js)
     print("\n".join(lines))
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
 
 
 def _plots(js: dict) -> None:
