@@ -9,6 +9,7 @@ from slimkit.cli.options import (
     fail,
     finish_verb,
     input_shape,
+    int8_args,
     model_args,
     positive_int,
     source_args,
@@ -42,7 +43,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(
         args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
         fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        force=args.force,
+        force=args.force, int8=args.int8, calib=args.calib, calib_size=args.calib_size, data=args.data,
+        max_drop=args.max_drop, provider=args.provider,
     )
     emit(args, report.to_json(), report.summary())
     return 0
@@ -139,6 +141,10 @@ def add_parsers(sub) -> None:
     x.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
     x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")
+    int8_args(x)
+    x.add_argument("--data", help="with --int8: held-out images ('digits' or a directory's test/ split) on which "
+                   "INT8 accuracy is compared with fp32 (ONNX Runtime CPU); refused beyond --max-drop")
+    x.add_argument("--provider", default="cpu", help="the ONNX Runtime provider the file is for; --int8 supports cpu")
     finish_verb(x, _cmd_export, force="overwrite an existing output")
 
     b = sub.add_parser(
