@@ -73,7 +73,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
         provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
         force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        profile=args.profile,
+        profile=args.profile, precision=args.precision, align=args.align, calib=args.calib,
+        calib_size=args.calib_size, max_drop=args.max_drop,
     )
     emit(args, rep.to_json(), rep.markdown())
     out = args.out or default_compare_dir(Path(args.ckpt))
@@ -177,6 +178,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--profile", action="store_true",
                    help="also show ONNX Runtime's CPU kernel time by node kind (convs blocked/plain, depthwise, "
                    "reorders, classifier) for both networks: why the slim one saves more or less than its MACs")
+    c.add_argument("--precision", help="the deployment table: comma-separated precisions of every artefact, e.g. "
+                   "fp32,fp16,int8 (int8 needs --calib); dense and slim at each, timed interleaved, the fastest "
+                   "within --max-drop of dense fp32's accuracy picked")
+    c.add_argument("--align", help="with the deployment table: also slim at widths padded to a multiple of N, or "
+                   "'auto' (the fastest of 1, 8, 16, 32 on the provider)")
+    int8_args(c, table=True)
     c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
     finish_verb(c, _cmd_compare, force="overwrite existing report files")
 
