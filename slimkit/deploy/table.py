@@ -112,7 +112,7 @@ class TableReport:
                           f"{c['source']}" + (f" ({c['split']} split)" if c["split"] else "") + f": {s['why']}."]
         if self.align:
             lines += ["", f"Alignment: {self.align['summary']}."]
-            lines += [f"\nNote: {n}." for n in self.notes]
+        lines += [f"\nNote: {n}." for n in self.notes]
         return "\n".join(lines)
 
     def plot(self, path: str | Path, force: bool = False) -> None:
