@@ -25,10 +25,11 @@ __all__ = ["Int8Settings", "Calibration", "Int8Request", "Int8Result", "MIN_CALI
            "cpu_flags", "choose_int8_settings", "check_int8_provider", "calibration_inputs", "int8_request",
            "quantize_model", "ort_logits", "ort_accuracy", "to_int8"]
 
-# MinMax calibration sets each activation's range from the extremes of the images it sees. On the
-# bundled digits network (benchmarks/results/int8_digits.md) 4-8 images gave ranges that clipped
-# held-out images (INT8 accuracy 1-6 points below fp32, varying by seed), 16 and more stayed within
-# 0.3 points; 16 is also two batches of 8 and at least one image per class for up to 16 classes.
+# MinMax calibration sets each activation's range from the extremes of the images it sees, so a
+# handful of images sets ranges a held-out image can exceed (clipped). 16 is a floor against
+# accidental tiny sets (a near-empty folder, a mistyped --calib-size), not a measured cliff: on the
+# bundled digits network even 2 images gave the fp32 accuracy (benchmarks/results/int8_digits.md).
+# It is one image per class for up to 16 classes; ORT's CNN examples calibrate on hundreds.
 MIN_CALIB = 16
 DEFAULT_CALIB_SIZE = 256  # ORT's CNN examples calibrate on a few hundred images; more costs time, not accuracy
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo: 8-bit dot products without saturation
