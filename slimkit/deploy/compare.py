@@ -155,9 +155,10 @@ def compare(
         raise SlimkitError(f"--profile reads ONNX Runtime's CPU profile; it needs --provider cpu, not {provider}")
     table = precision is not None or align is not None
     if table:
-        from slimkit.deploy.table import parse_align, parse_precisions
+        from slimkit.deploy.table import check_table_request, parse_align, parse_precisions
 
         precisions, align = parse_precisions(precision or "fp32"), parse_align(align)
+        check_table_request(precisions, provider, calib)
         if profile:
             raise SlimkitError("--profile goes with the dense-vs-slim report, not with --precision/--align")
     elif calib is not None or calib_size is not None:

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from slimkit.core.errors import SlimkitError
 
-__all__ = ["PRECISIONS", "TableReport", "parse_precisions", "parse_align", "pick_artefact", "deployment_table"]
+__all__ = ["PRECISIONS", "TableReport", "parse_precisions", "parse_align", "pick_artefact", "check_table_request",
+           "deployment_table"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -147,6 +148,22 @@ class TableReport:
         fig.clf()
 
 
+def check_table_request(precisions: Sequence[str], provider: str, calib: str | None) -> None:
+    """Refusals that need no network: a provider that cannot run the files, INT8 without calibration."""
+    from slimkit.deploy.quantize import check_int8_provider
+
+    if provider == "torch":
+        raise SlimkitError("--provider torch runs checkpoints in torch; the deployment table (--precision/--align) "
+                           "times ONNX files: choose --provider cpu, cuda or tensorrt")
+    if "int8" in precisions:
+        check_int8_provider(provider)
+        if calib is None:
+            raise SlimkitError("--precision int8 needs --calib DATA: calibration images ('digits', an image "
+                               "directory or a .npy array of preprocessed inputs)")
+    elif calib is not None:
+        raise SlimkitError("--calib and --calib-size go with --precision ...,int8")
+
+
 def _networks(fh, align: int | str | None, shape, provider: str, batches, threads) -> tuple[list, dict | None]:
     """(name, model, multiple) of the networks in the table, and what the alignment step chose."""
     nets = [("dense", fh.dense, None), ("slim", fh.slim, None)]
@@ -187,7 +204,6 @@ def deployment_table(src, fh, source: str, arch: str, shape: Sequence[int], prec
         DEFAULT_CALIB_SIZE,
         Int8Request,
         calibration_inputs,
-        check_int8_provider,
         choose_int8_settings,
         cpu_flags,
         ort_accuracy,
@@ -196,20 +212,12 @@ def deployment_table(src, fh, source: str, arch: str, shape: Sequence[int], prec
     from slimkit.deploy.runners import check_trial, onnx_runner
 
     t0 = time.perf_counter()
-    if provider == "torch":
-        raise SlimkitError("the deployment table (--precision/--align) times ONNX files; choose --provider cpu, "
-                           "cuda or tensorrt")
+    check_table_request(precisions, provider, calib)
     machine, flags = cpu_flags()
     request = None
-    if "int8" in precisions:  # refusals and calibration images before any export or timing
-        check_int8_provider(provider)
-        if calib is None:
-            raise SlimkitError("--precision int8 needs --calib DATA: calibration images ('digits', an image "
-                               "directory or a .npy array of preprocessed inputs)")
+    if "int8" in precisions:  # calibration images loaded and checked before any export or timing
         cal = calibration_inputs(calib, shape, src.meta, _classes(fh.dense), calib_size or DEFAULT_CALIB_SIZE, seed)
         request = Int8Request(cal, choose_int8_settings(machine, flags), max_drop=max_drop)
-    elif calib is not None:
-        raise SlimkitError("--calib goes with --precision ...,int8")
     nets, align_info = _networks(fh, align, shape, provider, batches, threads)
 
     rows: list[dict[str, Any]] = []
