@@ -33,7 +33,7 @@ from slimkit.core.surgery import cut, plans_of
 from slimkit.models import create_model, spec_of
 
 __all__ = ["align_network", "aligned_plan", "choose_alignment", "check_align", "layer_widths", "ALIGN_CANDIDATES",
-           "VERIFY_RTOL"]
+           "VERIFY_RTOL", "align_for_export"]
 
 ALIGN_CANDIDATES = (1, 8, 16, 32)  # 1: the slim network as it is; 8: AVX2 blocks; 16: AVX-512 blocks
 VERIFY_RTOL = 1e-9  # aligned vs slim in float64, relative to max |logit| (a leak differs by a channel's share)
@@ -302,3 +302,47 @@ def choose_alignment(
         row["score_ms"] = statistics.geometric_mean(row["p50_ms"].values())
     best = min(rows, key=lambda r: (r["score_ms"], r["align"]))["align"]
     return best, rows
+
+
+def align_for_export(model: nn.Module, align: int | str, input_shape: Sequence[int], provider: str = "cpu",
+                     opset: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The aligned network an export writes, and what the export reports and records about it.
+
+    ``align`` is a multiple or ``"auto"`` (time ALIGN_CANDIDATES on ``provider``, keep the fastest).
+    The dict holds ``multiple``, ``mode``, per-layer ``widths`` (dense, slim, aligned) of the cut
+    layers, MACs of slim and aligned, auto's ``timings``, the ONNX ``metadata`` entries and a
+    ``summary`` line.
+    """
+    import json
+
+    from slimkit.core.cost import count_macs
+
+    align = check_align(align)
+    timings = None
+    if align == "auto":
+        multiple, timings = choose_alignment(model, input_shape, provider=provider, opset=opset)
+    else:
+        multiple = align
+    aligned = align_network(model, multiple)
+    shape = tuple(input_shape)
+    dense = layer_widths(_dense_source(model)) if plans_of(model) else layer_widths(model)
+    slim_w, al_w = layer_widths(model), layer_widths(aligned)
+    widths = {n: [dense[n], slim_w[n], al_w[n]] for n in slim_w if slim_w[n] != dense[n]}
+    padded = {n: w for n, w in widths.items() if w[2] != w[1]}
+    macs = {"slim": count_macs(model, shape), "aligned": count_macs(aligned, shape)}
+    changes = list(dict.fromkeys(f"{w[1]}->{w[2]}" for w in padded.values()))
+    how = "auto" if timings is not None else "fixed"
+    summary = (f"aligned to multiples of {multiple}" + (f" (auto on {provider}: geometric-mean p50 over batches "
+               + ", ".join(f"{r['align']}: {r['score_ms']:.2f} ms" for r in timings) + ")" if timings else "")
+               + f": {len(padded)} of {len(widths)} cut layers padded ("
+               + (", ".join(changes[:8]) + (", ..." if len(changes) > 8 else "") if changes else "none")
+               + f"); MACs {macs['slim'] / 1e6:,.1f} M -> {macs['aligned'] / 1e6:,.1f} M; verified against the "
+               "unpadded network")
+    metadata = {"slimkit.align": str(multiple), "slimkit.align_mode": how,
+                "slimkit.align_widths": json.dumps({n: w[2] for n, w in padded.items()})}
+    if timings is not None:
+        metadata["slimkit.align_timings"] = json.dumps({"provider": provider, "score": "geometric mean of p50 "
+                                                        "over batches", "candidates": timings})
+    info = {"multiple": multiple, "mode": how, "widths": widths, "padded_layers": len(padded),
+            "cut_layers": len(widths), "macs": macs, "timings": timings, "metadata": metadata, "summary": summary}
+    return aligned, info
