@@ -34,11 +34,11 @@ def test_pick_is_the_fastest_within_the_budget():
 
 def test_parse_precisions_and_align():
     assert parse_precisions("int8,fp16") == ["fp32", "fp16", "int8"]  # fp32 is the reference, always there
-    assert parse_align("auto") == "auto" and parse_align("16") == 16
+    assert parse_align("auto") == "auto" and parse_align("16") == 16 and parse_align(None) is None
     for bad in ("fp64", "", "fp32;int8"):
         with pytest.raises(Exception, match="--precision takes"):
             parse_precisions(bad)
-    for bad in ("0", "-8", "x", "1.5"):
+    for bad in ("0", "-8", "x", 1.5):
         with pytest.raises(Exception, match="--align must be a positive integer"):
             parse_align(bad)
 

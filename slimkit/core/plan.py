@@ -23,7 +23,7 @@ from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped, prunable_
 
 __all__ = [
     "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "plan_masks", "wels_masks",
-    "plan_from_masks", "apply_masks", "grouped_keeps",
+    "plan_from_masks", "apply_masks", "grouped_keeps", "segments",
 ]
 
 
@@ -149,10 +149,23 @@ def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: i
     """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels.
 
     With one producer spanning the group that is the paper's rule, the first ceil(sr*C). A group can
-    tie a layer to only part of another's channels (a split or slice joined by an add or a
-    concatenation: CSP, GhostNet, ReXNet, MixNet); then the root space is cut into segments at every
-    member's boundaries, and a prefix of each segment is a prefix of every member's share, so all
-    coupled layers agree. Grouped convs further split segments into blocks of their group width.
+    tie a layer to only part of another's channels (see :func:`segments`); a prefix of each segment
+    is a prefix of every member's share, so all coupled layers agree.
+    """
+    bounds, block = segments(graph, group)
+    kept = set()
+    for a, b in zip(bounds, bounds[1:]):
+        kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
+    return kept
+
+
+def segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[int], int | None]:
+    """Segment bounds of ``group``'s root space, and the block width of grouped convs (None: none).
+
+    A group can tie a layer to only part of another's channels (a split or slice joined by an add or
+    a concatenation: CSP, GhostNet, ReXNet, MixNet); the root space is cut at every member's
+    boundaries, so each segment lies inside every member's share or outside it. Grouped convs
+    further split segments into blocks of their group width.
     """
     cuts = {0, group.size}
     for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
@@ -170,11 +183,7 @@ def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: i
     block = _block(graph, group)
     if block is not None:
         cuts.update(range(0, group.size, block))
-    bounds = sorted(c for c in cuts if 0 <= c <= group.size)
-    kept = set()
-    for a, b in zip(bounds, bounds[1:]):
-        kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
-    return kept
+    return sorted(c for c in cuts if 0 <= c <= group.size), block
 
 
 def _block(graph: ChannelGraph, group: CoupledGroup) -> int | None:

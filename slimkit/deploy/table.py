@@ -32,12 +32,10 @@ def parse_precisions(text: str | Sequence[str]) -> list[str]:
 
 
 def parse_align(value: str | int | None) -> int | str | None:
-    """``--align``: 'auto' or a positive integer (1: no padding)."""
-    if value is None or value == "auto":
-        return value
-    if isinstance(value, bool) or not (isinstance(value, int) or str(value).isdigit()) or int(value) < 1:
-        raise SlimkitError(f"--align must be a positive integer (a channel multiple) or 'auto', got {value!r}")
-    return int(value)
+    """``--align``: None, 'auto' or a positive integer (1: no padding); see :func:`slimkit.deploy.align.check_align`."""
+    from slimkit.deploy.align import check_align
+
+    return None if value is None else check_align(value)
 
 
 def pick_artefact(rows: Sequence[dict[str, Any]], max_drop: float, reference: str = "dense fp32") -> tuple[str, str]:
@@ -169,10 +167,8 @@ def _networks(fh, align: int | str | None, shape, provider: str, batches, thread
     nets = [("dense", fh.dense, None), ("slim", fh.slim, None)]
     if align is None:
         return nets, None
-    try:
-        from slimkit.deploy.align import align_network, choose_alignment
-    except ImportError:
-        raise SlimkitError("--align needs slimkit.deploy.align, which this slimkit does not have") from None
+    from slimkit.deploy.align import align_network, choose_alignment
+
     info: dict[str, Any] = {"requested": align}
     if align == "auto":
         multiple, timed = choose_alignment(fh.slim, shape, provider=provider, batches=tuple(batches), threads=threads)
@@ -235,7 +231,9 @@ def deployment_table(src, fh, source: str, arch: str, shape: Sequence[int], prec
                     payload, check = q.data, f"INT8 top-1 agreement with fp32 on calibration images {100 * q.agreement:.1f}%"
                 else:
                     m = dict(meta, **{"slimkit.precision": prec})
-                    v = to_verified_onnx(model, shape, fp16=prec == "fp16", meta=m)
+                    # a padded network must compute the unpadded slim network's function
+                    v = to_verified_onnx(model, shape, fp16=prec == "fp16", meta=m,
+                                         reference=fh.slim if multiple else None)
                     payload, check = v.data, f"ONNX vs torch {v.max_rel_diff:.1e}"
                     if prec == "fp32":
                         fp32 = v.data
