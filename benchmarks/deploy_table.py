@@ -54,12 +54,12 @@ def save_table(rep, tag: str, out: Path, command: str, extra: str = "") -> None:
 
 
 def resnet18(args, tmp: Path) -> None:
+    from slimkit.core.checkpoint import read
     from slimkit.deploy.bench import bench
     from slimkit.deploy.export import to_verified_onnx
     from slimkit.deploy.quantize import Int8Settings, choose_int8_settings, cpu_flags, quantize_model
     from slimkit.deploy.runners import check_trial, onnx_runner
     from slimkit.methods.ke.extract import fit_hypothesis
-    from slimkit.core.checkpoint import read
 
     torch.manual_seed(0)
     ck = slimkit.save(slimkit.create_model("resnet18", num_classes=1000), tmp / "resnet18.pt")
@@ -94,7 +94,7 @@ def resnet18(args, tmp: Path) -> None:
         runners.append(r)
     res = bench(runners, [1, 8], warmup=args.warmup, runs=args.runs)
     by = {(r.model, r.batch): r.p50_ms for r in res}
-    lines = [f"# INT8 settings on this CPU: resnet18 slim (sr 0.5), 3x224x224, QDQ per-channel, MinMax on 64 "
+    lines = ["# INT8 settings on this CPU: resnet18 slim (sr 0.5), 3x224x224, QDQ per-channel, MinMax on 64 "
              "random-normal images\n", f"{machine()}.\n",
              f"Reproduce: `.venv/bin/python benchmarks/deploy_table.py --case resnet18 --runs {args.runs}`\n",
              f"slimkit's choice here: {chosen.short()} ({chosen.why}).\n",

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_bn
 
 from slimkit import create_model, load, save
 from slimkit.data.digits import digits
 from slimkit.deploy.quantize import choose_int8_settings
 from slimkit.engine.evaluate import accuracy
-from conftest import randomize_bn
 
 KE = Path(__file__).resolve().parents[1] / "models" / "digits_resnet20_ke.pt"
 
@@ -158,3 +158,27 @@ def test_int8_accuracy_drop_beyond_max_drop_is_refused(cli, tmp_path):
     r = cli("export", KE, "-o", out, "--int8", "--calib", ill_calibration(tmp_path / "ill.npy"), "--data", "digits",
             "--max-drop", "1")
     _refused(r, out, "INT8 accuracy on digits (n=359)", "> --max-drop 1", "nothing written")
+
+
+def test_int8_of_an_aligned_network_quantizes_the_padded_graph(cli, tmp_path):
+    """sr 0.8 of widths 16/32/64 gives 13/26/52; --align 16 pads them back to 16/32/64, then INT8."""
+    import onnx
+
+    torch.manual_seed(0)
+    ck = save(randomize_bn(create_model("cifar_resnet", depth=8, width=16, num_classes=2, image_size=16)),
+              tmp_path / "m.pt")
+    assert cli("extract", ck, "--split-rate", "0.8", "-o", tmp_path / "m.slim.pt").code == 0
+    calib = image_folder(tmp_path / "calib", classes=2, per_class=8)
+    out = tmp_path / "a.int8.onnx"
+    r = cli("export", tmp_path / "m.slim.pt", "-o", out, "--align", "16", "--int8", "--calib", calib, "--json")
+    assert r.code == 0, r.err
+    rep = json.loads(r.out)
+    assert rep["align"]["multiple"] == 16 and rep["precision"] == "int8"
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["slimkit.align"] == "16" and props["slimkit.precision"] == "int8" and "slimkit.int8" in props
+    # the int8 conv weights have the padded widths, none of the unaligned ones
+    inits = {t.name: t for t in proto.graph.initializer}
+    widths = {int(inits[n.input[0]].dims[0]) for n in proto.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in inits and len(inits[n.input[0]].dims) == 4}
+    assert widths == {16, 32, 64}

@@ -2,16 +2,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from test_quantize import KE, ill_calibration, image_folder
 
 from slimkit import create_model, load, save
 from slimkit.data.digits import digits
 from slimkit.deploy.table import parse_align, parse_precisions, pick_artefact
 from slimkit.engine.evaluate import accuracy
-from test_quantize import KE, ill_calibration, image_folder
 
 
 def test_pick_is_the_fastest_within_the_budget():
@@ -80,9 +79,12 @@ def test_table_without_data_picks_by_latency_and_says_so(tmp_path):
     ck = save(create_model("cifar_resnet", depth=8, width=8, num_classes=2, image_size=16), tmp_path / "m.pt")
     calib = image_folder(tmp_path / "calib", classes=2, per_class=8)
     rep = compare(ck, 0.5, batches=[2], precision="fp32,fp16,int8", calib=str(calib), calib_size=16,
-                  warmup=1, runs=2, out=tmp_path / "c")
+                  warmup=1, runs=2, out=tmp_path / "c", align=16)
     assert [r["name"] for r in rep.rows] == ["dense fp32", "dense fp16", "dense int8", "slim fp32", "slim fp16",
-                                             "slim int8"]
+                                             "slim int8", "slim a16 fp32", "slim a16 fp16", "slim a16 int8"]
+    # slim widths 4/8/16 padded to 8/16/16 (never beyond dense): more parameters than slim, fewer than dense
+    p = {r["name"]: r["params"] for r in rep.rows}
+    assert p["slim fp32"] < p["slim a16 fp32"] < p["dense fp32"] and rep.align["chosen"] == 16
     assert sum(r["pick"] for r in rep.rows) == 1 and "latency only" in rep.pick_why
     assert any("no --data" in n for n in rep.notes)
     assert all(r.get("accuracy") is None for r in rep.rows)
