@@ -46,10 +46,15 @@ def machine() -> str:
             "engineers' jobs, so absolute times are noisy: ratios come from one interleaved run")
 
 
-def save_table(rep, tag: str, out: Path, command: str, extra: str = "") -> None:
-    head = f"# Deployment table: {tag}\n\n{machine()}.\n\nReproduce: `{command}`\n\n{extra}"
+def load_average() -> str:
+    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "n/a"
+
+
+def save_table(rep, tag: str, out: Path, command: str, extra: str = "", load: str = "") -> None:
+    head = (f"# Deployment table: {tag}\n\n{machine()}. Load average (1 min) at start / end: {load} / "
+            f"{load_average()}.\n\nReproduce: `{command}`\n\n{extra}")
     (RESULTS / f"deploy_{tag}.md").write_text(head + rep.markdown() + "\n")
-    shutil.copy(out / "compare.json", RESULTS / f"deploy_{tag}.json")
+    (RESULTS / f"deploy_{tag}.json").write_text(json.dumps(rep.to_json(), indent=2) + "\n")
     shutil.copy(out / "compare.png", RESULTS / f"deploy_{tag}.png")
 
 
@@ -65,8 +70,11 @@ def resnet18(args, tmp: Path) -> None:
     ck = slimkit.save(slimkit.create_model("resnet18", num_classes=1000), tmp / "resnet18.pt")
     calib = tmp / "calib.npy"
     np.save(calib, np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32))
+    load = load_average()
     rep = compare(ck, 0.5, batches=[1, 8], precision="fp32,fp16,int8", calib=str(calib), calib_size=64,
                   warmup=args.warmup, runs=args.runs, out=tmp / "c")
+    rep.source = "resnet18, random weights (torch.manual_seed(0)), 1000 classes"
+    rep.int8["calibration"]["source"] = "64 random-normal images (a .npy array)"
     rows = {r["name"]: r for r in rep.rows}
     b8 = {n: r["latency"][-1]["p50_ms"] for n, r in rows.items()}
     goal = (f"Goal (issue 20): slim int8 at batch 8 >= 1.5x faster than slim fp32 and >= 5x faster than dense fp32. "
@@ -74,7 +82,7 @@ def resnet18(args, tmp: Path) -> None:
             f"({'met' if b8['slim fp32'] / b8['slim int8'] >= 1.5 and b8['dense fp32'] / b8['slim int8'] >= 5 else 'not met'}). "
             "Random weights: no accuracy; INT8 calibrated on 64 random-normal images (a .npy array).\n\n")
     save_table(rep, "resnet18", tmp / "c", f".venv/bin/python benchmarks/deploy_table.py --case resnet18 --runs {args.runs}",
-               goal)
+               goal, load)
 
     # the settings behind slimkit's x86 choice: the same slim fp32 graph quantized three ways, interleaved
     fh = fit_hypothesis(read(ck), 0.5)
@@ -103,7 +111,8 @@ def resnet18(args, tmp: Path) -> None:
     for r in runners:
         lines.append(f"| {r.name} | {by[(r.name, 1)]:.2f} | {by[(r.name, 8)]:.2f} | "
                      f"{by[('slim fp32', 1)] / by[(r.name, 1)]:.2f}x | {by[('slim fp32', 8)] / by[(r.name, 8)]:.2f}x |")
-    lines.append(f"\n{args.runs} timed runs per file and batch, interleaved in one run.")
+    lines.append(f"\n{args.runs} timed runs per file and batch, interleaved in one run; load average (1 min) at "
+                 f"the end {load_average()}.")
     (RESULTS / "int8_settings.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "int8_settings.json").write_text(json.dumps([r.__dict__ for r in res], indent=2) + "\n")
 
@@ -116,14 +125,16 @@ def digits(args, tmp: Path) -> None:
     from slimkit.methods.ke.extract import fit_hypothesis
 
     ck = ROOT / "models" / "digits_resnet20_ke.pt"
+    load = load_average()
     rep = compare(ck, 0.5, data="digits", batches=[1, 8], precision="fp32,fp16,int8", calib="digits",
                   max_drop=1.0, warmup=args.warmup, runs=args.runs, out=tmp / "c")
     rows = {r["name"]: r for r in rep.rows}
     drop = 100 * (rows["slim fp32"]["accuracy"] - rows["slim int8"]["accuracy"])
     goal = (f"Goal (issue 20): slim int8 within 1 point of slim fp32 accuracy. Measured: {drop:+.2f} points "
             f"({'met' if drop <= 1 else 'not met'}). The table's pick: **{rep.pick}**.\n\n")
+    rep.source = "models/digits_resnet20_ke.pt"
     save_table(rep, "digits", tmp / "c",
-               f".venv/bin/python benchmarks/deploy_table.py --case digits --runs {args.runs}", goal)
+               f".venv/bin/python benchmarks/deploy_table.py --case digits --runs {args.runs}", goal, load)
 
     # INT8 accuracy against the number of calibration images: why slimkit asks for at least 16
     fh = fit_hypothesis(read(ck), 0.5)

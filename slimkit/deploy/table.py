@@ -48,9 +48,12 @@ def pick_artefact(rows: Sequence[dict[str, Any]], max_drop: float, reference: st
         return best["name"], "fastest by latency only (no --data: accuracy not measured)"
     floor = ref["accuracy"] - max_drop / 100
     ok = [r for r in rows if r.get("accuracy") is not None and r["accuracy"] >= floor - 1e-12]
-    best = max(ok, key=lambda r: (r["speedup"], -r["bytes"]))  # the reference itself always qualifies
+    ranked = sorted(ok, key=lambda r: (r["speedup"], -r["bytes"]), reverse=True)  # the reference always qualifies
+    best = ranked[0]
+    lead = "" if len(ranked) < 2 else (f"; {100 * (best['speedup'] / ranked[1]['speedup'] - 1):.0f}% ahead of the "
+                                       f"next one within budget, {ranked[1]['name']}")
     return best["name"], (f"fastest with accuracy >= {100 * floor:.2f}% ({reference} {100 * ref['accuracy']:.2f}% "
-                          f"- {max_drop:g} points)")
+                          f"- {max_drop:g} points){lead}")
 
 
 @dataclasses.dataclass
@@ -122,13 +125,16 @@ class TableReport:
         fig, ax = figure(size=(6.5, 4.2))
         b = self.batches[-1]
         acc = self.data is not None
+        placed: list[tuple[float, float]] = []
         for i, r in enumerate(self.rows):
             x = r["latency"][-1]["p50_ms"]
             y = 100 * r["accuracy"] if acc else i
             pick = r["name"] == self.pick
             ax.scatter([x], [y], marker="*" if pick else "o", s=160 if pick else 40,
                        color="C3" if pick else ("C0" if r["within_budget"] else "0.6"), zorder=3)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            near = sum(abs(math.log(x / px)) < 0.08 and abs(y - py) < 0.05 * (abs(py) + 1) for px, py in placed)
+            placed.append((x, y))  # labels of points on top of each other are stacked, not overprinted
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 4 - 10 * near), fontsize=8)
         if acc:
             floor = 100 * self.rows[0]["accuracy"] - self.max_drop
             ax.axhline(floor, color="C3", lw=0.8, ls="--", label=f"budget: dense fp32 - {self.max_drop:g} points")
@@ -173,7 +179,9 @@ def _networks(fh, align: int | str | None, shape, provider: str, batches, thread
     if align == "auto":
         multiple, timed = choose_alignment(fh.slim, shape, provider=provider, batches=tuple(batches), threads=threads)
         info.update(chosen=multiple, candidates=timed)
-        how = f"--align auto timed the candidates on {provider} and chose {multiple}"
+        scores = ", ".join(f"{r['align']}: {r['score_ms']:.2f} ms" for r in timed if "same_as" not in r)
+        how = (f"--align auto timed the candidates on {provider} (geometric-mean p50 over batches: {scores}; "
+               f"a multiple giving the same widths as a smaller one is not timed again) and chose {multiple}")
     else:
         multiple = int(align)
         info["chosen"] = multiple
