@@ -69,6 +69,7 @@ def test_int8_settings_follow_onnx_runtimes_guide(machine, flags, activations, r
     assert s.why
 
 
+@pytest.mark.slow
 def test_int8_export_from_an_image_folder(cli, cifar_ckpt, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -153,6 +154,7 @@ def test_int8_refusals(cli, cifar_ckpt, tmp_path):
              "reads 1 channels")
 
 
+@pytest.mark.slow
 def test_int8_accuracy_drop_beyond_max_drop_is_refused(cli, tmp_path):
     out = tmp_path / "ke.int8.onnx"
     r = cli("export", KE, "-o", out, "--int8", "--calib", ill_calibration(tmp_path / "ill.npy"), "--data", "digits",
@@ -160,6 +162,7 @@ def test_int8_accuracy_drop_beyond_max_drop_is_refused(cli, tmp_path):
     _refused(r, out, "INT8 accuracy on digits (n=359)", "> --max-drop 1", "nothing written")
 
 
+@pytest.mark.slow
 def test_int8_of_an_aligned_network_quantizes_the_padded_graph(cli, tmp_path):
     """sr 0.8 of widths 16/32/64 gives 13/26/52; --align 16 pads them back to 16/32/64, then INT8."""
     import onnx

@@ -72,6 +72,7 @@ def test_table_on_the_digits_network_never_picks_an_artefact_outside_the_budget(
     assert rep["int8"]["calibration"]["images"] == 16 and rep["int8"]["settings"]["format"] == "QDQ"
 
 
+@pytest.mark.slow
 def test_table_without_data_picks_by_latency_and_says_so(tmp_path):
     from slimkit.deploy.compare import compare
 
