@@ -102,6 +102,10 @@ def test_int8_export_from_an_image_folder(cli, cifar_ckpt, tmp_path):
     from slimkit.deploy.export import ExportReport
 
     assert "accuracy was not checked (no --data)" in ExportReport(**rep).summary()
+    # bench runs it on the CPU provider, and refuses a GPU provider its U8 activations were not made for
+    assert cli("bench", out, "--batch", "1", "--runs", "1", "--warmup", "1").code == 0
+    r = cli("bench", out, "--provider", "tensorrt", "--batch", "1")
+    assert r.code == 2 and "m.int8.onnx: INT8 for provider tensorrt is not supported" in r.err
 
 
 @pytest.mark.slow
