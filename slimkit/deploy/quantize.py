@@ -312,6 +312,9 @@ class Int8Result:
         else:
             out.append(f"accuracy on {self.data_name} (n={self.n}, ONNX Runtime CPU): fp32 {100 * self.fp32_accuracy:.2f}%, "
                        f"INT8 {100 * self.int8_accuracy:.2f}% (drop {self.drop_points:+.2f} points, allowed {self.max_drop:g})")
+            if self.calibration["split"] == "test" and self.calibration["source"] == self.data_name:
+                out.append(f"note: {self.data_name} has no training split, so the calibration images are among the "
+                           "accuracy images; calibrate on other images for an independent check")
         return out
 
 
