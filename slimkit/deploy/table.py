@@ -295,6 +295,10 @@ def _notes(rep: TableReport, by: dict) -> list[str]:
     if rep.data is None:
         notes.append("no --data: accuracy was not measured, and the pick is by latency only; fp16 is bounded "
                      "against torch and INT8 only checked for agreement with fp32 on the calibration images")
+    cal = (rep.int8 or {}).get("calibration") or {}
+    if rep.data is not None and cal.get("split") == "test" and cal.get("source") == rep.data:
+        notes.append(f"{rep.data} has no training split, so INT8 was calibrated on images it is also scored on; "
+                     "calibrate on other images (--calib) for an independent accuracy")
     per_batch = {b: max(rep.rows, key=lambda r, i=i: (r["within_budget"], r["latency"][i]["speedup"]))["name"]
                  for i, b in enumerate(rep.batches)}
     if len(set(per_batch.values())) > 1:
