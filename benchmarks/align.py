@@ -32,7 +32,7 @@ import slimkit
 from slimkit.core.cost import count_macs, count_params
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import kels_plan
-from slimkit.deploy.align import align_network, choose_alignment, layer_widths
+from slimkit.deploy.align import align_network, choose_alignment
 from slimkit.deploy.bench import bench
 from slimkit.deploy.export import to_verified_onnx
 from slimkit.deploy.runners import check_trial, cpu_name, onnx_runner
@@ -211,7 +211,7 @@ def plot(rows: list[dict], path: Path, sr: float) -> None:
                 xs.append(j + (i - (len(names) - 1) / 2) * width)
                 lat.append(r["latency_ratio"])
                 mac.append(r["mac_ratio"])
-        bars = ax.bar(xs, lat, width=width, label=f"{n}: latency / dense")
+        ax.bar(xs, lat, width=width, label=f"{n}: latency / dense")
         ax.scatter(xs, mac, marker="_", s=200, color="k", zorder=3)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(cells)), [f"{a} b={b}" for a, b in cells], fontsize=8, rotation=20)

@@ -15,7 +15,6 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import randomize_bn, rel_err
-from torch import nn
 
 from slimkit import apply_plan, create_model, load, save
 from slimkit.core.errors import SlimkitError
