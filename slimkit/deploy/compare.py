@@ -249,8 +249,9 @@ def compare(
         rep.notes.append(
             f"{n_bad} slim conv layer(s) have widths that are not multiples of 8 ({shown}). On CPU, ONNX Runtime runs "
             "such convs outside its blocked kernels, which can make the slim network slower than its MACs say "
-            "(benchmarks/README.md measured sr 0.8 ResNets no faster than dense). Widths rounded to 16 "
-            "(`slimkit evolve --round-to 16`) avoid this; the network must be trained with that split.")
+            "(benchmarks/README.md measured sr 0.8 ResNets no faster than dense). Export the extracted slim network "
+            "with `slimkit export SLIM.pt -o OUT.onnx --align auto` (or --align 16): it pads them with zero channels "
+            "to aligned widths, the same function without retraining (benchmarks/results/align_sr0.8.md).")
     out_dir.mkdir(exist_ok=True)  # created only now: a refused run leaves nothing behind
     text = rep.markdown() + "\n"
     atomic_write(paths["md"], lambda t: t.write_text(text), force=force)
