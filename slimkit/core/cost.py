@@ -58,7 +58,8 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     try:
         with MacCounter(model) as mc:
-            model(torch.zeros(1, *input_shape))
+            p = next(model.parameters(), None)  # the input goes where the caller's model lives
+            model(torch.zeros(1, *input_shape, device=p.device if p is not None else None))
     finally:
         model.train(was_training)
     return mc.per_sample

@@ -165,8 +165,8 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
     masked = apply_masks(copy.deepcopy(dense), fit_masks)
     cut(graph, plan)
 
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(verify_batch, *spec.input_shape, generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU (same inputs on every device), run on the model's
+    x = torch.randn(verify_batch, *spec.input_shape, generator=gen).to(_device(dense))
     with torch.inference_mode(), MacCounter(masked) as dense_macs, MacCounter(slim) as slim_macs:
         masked(x), slim(x)  # masked has the dense network's shapes, so its MACs
     max_abs, max_rel, dtype = _verify(masked, slim, x)
@@ -178,6 +178,11 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
         )
     return FitHypothesis(dense, slim, plan, sr, dense_macs.per_sample, slim_macs.per_sample, max_abs, max_rel,
                          verify_batch, round_to, dtype)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _verify(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
@@ -208,12 +213,15 @@ def extract(
     seed: int = 0,
     verify_batch: int = 2,
     input_shape: tuple[int, ...] | None = None,
+    ema: bool = False,
+    state_key: str | None = None,
 ) -> ExtractReport:
     """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
 
     For an official Knowledge Evolution checkpoint the masks in the file define the split and
     ``split_rate`` may be omitted (when given, it must agree with them). ``input_shape`` (C, H, W)
     overrides the default input of a plain state_dict's model source (e.g. a timm model's config).
+    ``ema`` takes a training checkpoint's EMA weights, ``state_key`` names the entry holding the weights.
     """
     t0 = time.perf_counter()
     is_object = isinstance(ckpt, torch.nn.Module)
@@ -234,13 +242,15 @@ def extract(
     out = Path(out) if out is not None else default_output(ckpt)
     check_output(out, force, inputs=() if is_object else (ckpt,))
 
-    src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape)
+    src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape,
+                 **({} if is_object else {"ema": ema, "state_key": state_key}))
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff
     meta = {
         "split": {"mode": "kels", "rate": sr, **({"round_to": fh.round_to} if fh.round_to > 1 else {})},
-        "provenance": {"source": _name(ckpt), "source_sha256": src.sha256, "source_kind": src.kind},
+        "provenance": {"source": _name(ckpt), "source_sha256": src.sha256, "source_kind": src.kind,
+                       **({"source_weights": src.meta["weights"]} if src.meta.get("weights") else {})},
         "verified": {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batch": verify_batch, "seed": seed,
                      "dtype": fh.verify_dtype},
     }
