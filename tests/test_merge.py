@@ -364,3 +364,20 @@ def test_cuda_layout_and_autocast_rehearsed_on_cpu(teachers, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)
     assert load(tmp_path / "full" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
     assert s["big_student"] == s["ensemble"]
+
+
+@pytest.mark.slow
+def test_a_torchvision_student_keeps_the_teachers_input_shape(tmp_path):
+    # a torchvision (or timm) network takes no image-size argument: trained at --image-size 8 its
+    # input shape lives only in the checkpoint's spec; the merged student was recorded at 3x224x224
+    for s in (1, 2):
+        save(_teachers("resnet18", dict(num_classes=10, input_shape=(3, 8, 8)), seeds=(s,))[0], tmp_path / f"t{s}.pt")
+    teachers = [tmp_path / "t1.pt", tmp_path / "t2.pt"]
+    cfg = _merge_cfg(train_per_class=1, eval_every=5, gate=TrainConfig(epochs=1, lr=0.01, batch_size=16),
+                     finetune=TrainConfig(epochs=2, lr=0.01, warmup_epochs=1, batch_size=16))
+    quiet = lambda s: None  # noqa: E731
+    # stopped in the fine-tuning phase and resumed: the student is rebuilt from state.pt there
+    merge(cfg, teachers, tmp_path / "m", progress=False, echo=quiet, _stop_after_epochs=2)
+    merge(cfg, teachers, tmp_path / "m", resume=True, progress=False, echo=quiet)
+    for name in ("compressed.pt", "last.pt"):
+        assert load(tmp_path / "m" / name).slimkit_spec.input_shape == (3, 8, 8), name

@@ -105,8 +105,8 @@ def _torch_load(path: Path, data: bytes) -> Any:
         if why is not None:  # a real pickle naming a class or function: refuse, never import it
             why = why.split(" was not an allowed global")[0].rstrip(".")
             raise SlimkitError(
-                f"{path} contains Python objects other than tensors, plain containers and "
-                f"{', '.join(c.__name__ for c in PLAIN_TYPES[:2])}; slimkit loads weights only and never executes "
+                f"{path} contains Python objects other than tensors, plain containers, argparse.Namespace and "
+                "pathlib paths; slimkit loads weights only and never executes "
                 f"code from a file ({why}). Re-save just the state_dict: torch.save(model.state_dict(), path)"
             ) from None
         raise SlimkitError(f"{path} is not a PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
@@ -180,8 +180,8 @@ def choose_weights(path: Path, obj: Any, ema: bool = False, state_key: str | Non
             raise SlimkitError(f"{path} has no entry {state_key!r} ({entries}); weight sets found: "
                                f"{', '.join(sets) or 'none'}") from None
         if not _is_weight_set(chosen):
-            raise SlimkitError(f"entry {state_key!r} of {path} is not a set of weights (a "
-                               f"{type(chosen).__name__}{' with keys ' + _keys(chosen) if isinstance(chosen, dict) else ''}); "
+            raise SlimkitError(f"entry {state_key!r} of {path} is not a set of weights (type "
+                               f"{type(chosen).__name__}{', keys ' + _keys(chosen) if isinstance(chosen, dict) else ''}); "
                                f"weight sets found: {', '.join(sets) or 'none'}")
         return state_key, chosen
     if not sets:

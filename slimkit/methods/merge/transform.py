@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from slimkit.core.cost import example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup
 from slimkit.core.plan import KeepPlan
@@ -165,9 +166,7 @@ def concat_teachers(a: nn.Module, b: nn.Module, atol: float = 1e-5) -> nn.Module
         _concat_into(big, a, b, graph)
     big.slimkit_spec, big.slimkit_concat = sa, 2
     big.eval()
-    p = next(a.parameters(), None)  # drawn on the CPU, run where the teachers live
-    x = torch.randn(4, *sa.input_shape, generator=torch.Generator().manual_seed(0)).to(
-        p.device if p is not None else "cpu")
+    x = example_input(a, sa.input_shape, 4, torch.Generator().manual_seed(0))  # where the teachers live
     with torch.no_grad():
         want = (a(x) + b(x)) / 2
         got = big(x)
