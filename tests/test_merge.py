@@ -375,9 +375,8 @@ def test_a_torchvision_student_keeps_the_teachers_input_shape(tmp_path):
     teachers = [tmp_path / "t1.pt", tmp_path / "t2.pt"]
     cfg = _merge_cfg(train_per_class=1, eval_every=5, gate=TrainConfig(epochs=1, lr=0.01, batch_size=16),
                      finetune=TrainConfig(epochs=2, lr=0.01, warmup_epochs=1, batch_size=16))
-    quiet = lambda s: None  # noqa: E731
     # stopped in the fine-tuning phase and resumed: the student is rebuilt from state.pt there
-    merge(cfg, teachers, tmp_path / "m", progress=False, echo=quiet, _stop_after_epochs=2)
-    merge(cfg, teachers, tmp_path / "m", resume=True, progress=False, echo=quiet)
+    merge(cfg, teachers, tmp_path / "m", progress=False, echo=lambda s: None, _stop_after_epochs=2)
+    merge(cfg, teachers, tmp_path / "m", resume=True, progress=False, echo=lambda s: None)
     for name in ("compressed.pt", "last.pt"):
         assert load(tmp_path / "m" / name).slimkit_spec.input_shape == (3, 8, 8), name
