@@ -259,3 +259,61 @@ def test_plain_types_are_allowed_only_while_loading(tmp_path):
     assert set(torch.serialization.get_safe_globals()) == before
     with pytest.raises(pickle.UnpicklingError, match="Namespace"):  # torch's own loader still refuses it
         torch.load(tmp_path / "t.pt", weights_only=True)
+
+
+VERBS = {
+    "extract": ["--split-rate", "0.5"],
+    "export": ["-o", "x.onnx"],
+    "bench": ["--runs", "1", "--warmup", "1"],
+    "compare": ["--split-rate", "0.5", "--runs", "1", "--warmup", "1"],
+    "merge": ["--out", "m"],
+}
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_every_verb_reading_a_network_takes_ema_and_state_key(verb, cli, nets, tmp_path, monkeypatch):
+    # the flags reach the one reader: the same refusals, before anything is written
+    monkeypatch.chdir(tmp_path)
+    path = _write("timm", tmp_path / "t.pth.tar", *nets)
+    torch.save({"state_dict": nets[0].state_dict(), "epoch": 1}, tmp_path / "noema.pt")
+    files = {"noema": [tmp_path / "noema.pt"], "timm": [path]}
+    if verb == "merge":  # two teachers
+        files = {"noema": [tmp_path / "noema.pt", path], "timm": [path, tmp_path / "noema.pt"]}
+    flags = ["--arch", ARCH, "--model-args", "depth=8,width=8,image_size=16"] if verb != "merge" else \
+        ["--arch", ARCH]
+    before = sorted(tmp_path.iterdir())
+    for argv, message in [
+        ([*files["noema"], "--ema"], "noema.pt has no EMA weights (its entries: state_dict, epoch"),
+        ([*files["timm"], "--state-key", "optimizer"], "entry 'optimizer' of "),
+        ([*files["timm"], "--ema", "--state-key", "state_dict"], "give --ema or --state-key, not both"),
+    ]:
+        r = cli(verb, *argv, *flags, *VERBS[verb])
+        assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_bench_and_export_read_training_checkpoints_and_their_ema(cli, nets, tmp_path):
+    path = _write("timm", tmp_path / "t.pth.tar", *nets)
+    st = tmp_path / "w.safetensors"
+    _write("safetensors", st, *nets)
+    for files, ema in (([path, st], []), ([path], ["--ema"])):
+        r = cli("bench", *files, "--arch", ARCH, "--model-args", "depth=8,width=8,image_size=16", *ema,
+                "--batch", "1", "--runs", "2", "--warmup", "1")
+        assert r.code == 0, r.err
+        assert all(f"| {f.name} | torch-cpu | 1 |" in r.out for f in files)
+    r = cli("bench", st, "--arch", ARCH, "--ema", "--runs", "1", "--warmup", "1")
+    assert r.code == 2 and "w.safetensors is one plain set of weights (" in r.err and "no EMA weights; drop --ema" in r.err
+    for ema in (False, True):
+        out = tmp_path / f"t{ema}.onnx"
+        r = cli("export", path, "-o", out, "--arch", ARCH, "--model-args", "depth=8,width=8,image_size=16",
+                *(["--ema"] if ema else []))
+        assert r.code == 0, r.err
+    import onnxruntime as ort
+
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for ema, net in ((False, nets[0]), (True, nets[1])):  # each file computes its own weights' function
+        sess = ort.InferenceSession(str(tmp_path / f"t{ema}.onnx"), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        with torch.inference_mode():
+            want = net(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))

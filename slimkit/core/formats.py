@@ -190,8 +190,10 @@ def choose_weights(path: Path, obj: Any, ema: bool = False, state_key: str | Non
                            "training checkpoint with one, or a safetensors file")
     if ema:
         found = [k for k in sets if is_ema_key(k)]
+        if not found and "" in sets:
+            raise SlimkitError(f"{path} is one plain set of weights ({len(obj)} tensors) with no EMA weights; drop --ema")
         if not found:
-            raise SlimkitError(f"{path} has no EMA weights ({entries}; weight sets: {', '.join(k or '<top level>' for k in sets)}); "
+            raise SlimkitError(f"{path} has no EMA weights ({entries}; weight sets: {', '.join(sets)}); "
                                "drop --ema, or name the weights with --state-key KEY")
     else:
         found = [k for k in sets if not is_ema_key(k)] or list(sets)
