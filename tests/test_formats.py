@@ -317,3 +317,14 @@ def test_bench_and_export_read_training_checkpoints_and_their_ema(cli, nets, tmp
         with torch.inference_mode():
             want = net(x)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_the_format_follows_the_content_not_the_name(nets, tmp_path):
+    live = nets[0]
+    torch.save(live.state_dict(), tmp_path / "really_torch.safetensors")  # a torch.save under a safetensors name
+    back = read(tmp_path / "really_torch.safetensors", arch=ARCH, model_args=MODEL_ARGS)
+    _same(back.model.state_dict(), live.state_dict())
+    (tmp_path / "short.safetensors").write_bytes((10**6).to_bytes(8, "little") + b"{}")
+    with pytest.raises(SlimkitError, match=r"short.safetensors has a corrupt safetensors header: its first 8 bytes give "
+                                           r"a header of 1000000 bytes in a file of 10"):
+        read(tmp_path / "short.safetensors", arch=ARCH)

@@ -59,7 +59,7 @@ def load_file(path: Path, data: bytes) -> Any:
     """The object stored in ``data`` (the bytes of ``path``): safetensors or a torch.save pickle."""
     if _looks_safetensors(data):
         return _safetensors_load(path, data)
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" and not data.startswith((b"PK\x03\x04", b"\x80")):  # not torch.save's zip/pickle
         n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
         raise SlimkitError(f"{path} has a corrupt safetensors header: its first 8 bytes give a header of {n} bytes "
                            f"in a file of {len(data)}, which does not start a JSON object")
