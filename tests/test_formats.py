@@ -292,6 +292,7 @@ def test_every_verb_reading_a_network_takes_ema_and_state_key(verb, cli, nets, t
     assert sorted(tmp_path.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_bench_and_export_read_training_checkpoints_and_their_ema(cli, nets, tmp_path):
     path = _write("timm", tmp_path / "t.pth.tar", *nets)
     st = tmp_path / "w.safetensors"

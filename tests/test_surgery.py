@@ -147,6 +147,7 @@ def test_frozen_layers_are_traced_and_cut_like_trainable_ones():
     assert a.keys() == b.keys()
     for k in a:  # the same cut of the same weights
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
-    # the caller's model is left as it was: frozen stays frozen, trainable stays trainable
-    assert [n for n, p in frozen.named_parameters() if not p.requires_grad] == \
-        [n for n, _ in frozen.named_parameters() if n.split(".")[0] in ("conv1", "bn1", "layer1")]
+    # the caller's model is left as it was, and the slim one keeps it: frozen stays frozen, trainable trainable
+    want = [n for n, _ in frozen.named_parameters() if n.split(".")[0] in ("conv1", "bn1", "layer1")]
+    for model in (frozen, slims[1]):
+        assert [n for n, p in model.named_parameters() if not p.requires_grad] == want
