@@ -127,6 +127,8 @@ def compare(
     calib: str | None = None,
     calib_size: int | None = None,
     max_drop: float = 1.0,
+    ema: bool = False,
+    state_key: str | None = None,
 ) -> Any:
     """Dense vs fit hypothesis of ``ckpt`` (a checkpoint file, or an ``nn.Module`` slimkit created: then
     ``out`` is required); writes compare.md/.json/.png into ``out``.
@@ -138,6 +140,7 @@ def compare(
     table (:mod:`slimkit.deploy.table`, a :class:`~slimkit.deploy.table.TableReport`): dense and slim
     (and slim padded to aligned widths) at each precision, INT8 calibrated on ``calib``, and the
     fastest artefact whose accuracy on ``data`` is within ``max_drop`` points of dense fp32 picked.
+    ``ema``/``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`).
     """
     import torch
 
@@ -175,7 +178,8 @@ def compare(
     elif not out_dir.parent.is_dir():
         raise SlimkitError(f"cannot create {out_dir}: directory {out_dir.parent} does not exist")
 
-    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
+    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args,
+                                                 ema=ema, state_key=state_key)
     fh = fit_hypothesis(src, split_rate)
     spec = spec_of(src.model)
     shape = tuple(spec.input_shape)
