@@ -145,7 +145,8 @@ class TableReport:
             ax.set_ylabel("artefacts (no --data: accuracy not measured)")
         ax.set_xscale("log")
         ax.set_xlabel(f"p50 latency at batch {b} (ms, log scale)")
-        ax.set_title(f"{self.arch}: latency vs accuracy, {self.provider}", fontsize=10)
+        ax.set_title(f"{self.arch}: {'latency vs accuracy' if acc else 'latency per artefact'}, {self.provider}",
+                     fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), force=force)
