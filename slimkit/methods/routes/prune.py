@@ -1,0 +1,150 @@
+"""Pruning to the KELS widths by an importance criterion: which channels survive, ranked by torch-pruning.
+
+The "prune" route keeps, in every coupled group, as many channels as KELS keeps (so every layer has
+exactly the fit hypothesis's width and the routes compare network for network), but chooses them by
+an importance criterion instead of taking a prefix. The scores are torch-pruning's own estimators,
+applied to torch-pruning's own group of each slimkit coupled group (``ChannelGraph.pruning_group``:
+every producer's output channels, every BN and every consumer's input channels, in the root layer's
+index space), reduced over the group and normalised as torch-pruning does by default
+(``group_reduction="mean"``, ``normalizer="mean"``):
+
+- ``l1`` / ``l2``: ``GroupMagnitudeImportance(p=1)`` / ``(p=2)``, the group's weight norms;
+- ``taylor``: ``GroupTaylorImportance()``, |w * dL/dw| summed over the group (Molchanov et al., CVPR
+  2019), with the gradients of the mean cross-entropy over a few labelled batches, accumulated with
+  the network in eval mode (BN statistics are read, never updated);
+- ``kels``: the KELS prefix itself (``core/plan.py kels_plan``).
+
+The channels kept per group follow KELS's segments (``kels_segments``): the top ceil(sr*n) of every
+segment of n channels (a concatenation's chunks, a split's shares); where grouped convolutions read
+or produce the group, every block keeps the same positions, the ones whose importance summed over the
+blocks is highest, so each grouped conv keeps its group count. Depthwise convs are members of their
+producer's group and follow it. Ties keep the lower index (the KELS order). The cut is the one
+surgery (``core/surgery.py``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimkit.core.errors import SlimkitError
+from slimkit.core.graph import ChannelGraph, CoupledGroup
+from slimkit.core.plan import KeepPlan, check_split_rate, kels_count, kels_plan, kels_segments
+from slimkit.core.surgery import cut
+from slimkit.models import spec_of
+
+__all__ = ["CRITERIA", "importance_plan", "prune", "importance_of"]
+
+CRITERIA = ("l1", "l2", "taylor", "kels")
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_criterion(criterion: str) -> None:
+    if criterion not in CRITERIA:
+        raise SlimkitError(f"unknown pruning criterion {criterion!r}; available: {', '.join(CRITERIA)}")
+
+
+def importance_of(criterion: str):
+    """torch-pruning's importance estimator for ``criterion`` (l1, l2, taylor), with its default
+    group reduction and normaliser."""
+    import torch_pruning as tp  # heavy import kept out of `import slimkit`
+
+    _check_criterion(criterion)
+    if criterion == "kels":
+        raise SlimkitError("the kels criterion is a prefix, not an importance score")
+    if criterion == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return tp.importance.GroupMagnitudeImportance(p=1 if criterion == "l1" else 2)
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _taylor_gradients(model: nn.Module, data_batches: Batches | None) -> None:
+    """Accumulate d(mean cross-entropy)/dw of every parameter over ``data_batches`` into ``.grad``."""
+    if data_batches is None:
+        raise SlimkitError("the taylor criterion needs labelled batches (data_batches / --data) to compute gradients")
+    dev, n = _device(model), 0
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    model.eval()  # gradients at the network as it is: BN uses (and keeps) its running statistics
+    with torch.inference_mode(False), torch.enable_grad():
+        for x, y in data_batches:
+            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+            n += 1
+    if n == 0:
+        raise SlimkitError("the taylor criterion needs at least one labelled batch; data_batches was empty")
+
+
+def _group_kept(graph: ChannelGraph, group: CoupledGroup, scores: torch.Tensor, sr: float) -> set[int]:
+    """Root channels kept: the most important ceil(sr*n) of every KELS segment (blocks share positions)."""
+    segments, block = kels_segments(graph, group)
+    scores = torch.nan_to_num(scores.detach().double().cpu(), nan=0.0)  # a 0/0 normalisation ranks last
+    classes: dict[tuple[int, int], list[int]] = {}  # (offset in block, length) -> segment starts
+    for a, b in segments:
+        key = (a % block, b - a) if block is not None else (a, b - a)
+        classes.setdefault(key, []).append(a)
+    kept = set()
+    for (_, length), starts in classes.items():
+        total = sum(scores[a:a + length] for a in starts)  # (length,) importance summed over the blocks
+        order = sorted(range(length), key=lambda i: (-float(total[i]), i))  # ties: the KELS order
+        top = order[:kels_count(length, sr)]
+        kept.update(a + i for a in starts for i in top)
+    return kept
+
+
+def _plan(graph: ChannelGraph, sr: float, criterion: str, data_batches: Batches | None) -> KeepPlan:
+    if criterion == "kels":
+        return kels_plan(graph, sr)
+    if criterion == "taylor":
+        _taylor_gradients(graph.model, data_batches)
+    imp = importance_of(criterion)
+    keep: dict[str, set[int]] = {}
+    for g in graph.groups:
+        if g.is_output:
+            continue  # the classifier keeps every class
+        scores = imp(graph.pruning_group(g))  # (g.size,) in the root layer's index space
+        if scores is None or scores.numel() != g.size:
+            raise SlimkitError(f"layer {g.root}: torch-pruning's {criterion} importance gave no score for its "
+                               f"{g.size} channels; slimkit cannot rank this group")
+        kept = _group_kept(graph, g, scores, sr)
+        for p in g.producers:  # a layer split across groups keeps its share of each
+            keep.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in kept)
+    return KeepPlan({n: tuple(sorted(k)) for n, k in keep.items()}, origin=f"{criterion} importance split_rate={sr:g}")
+
+
+def _traced_copy(model: nn.Module, input_shape: tuple[int, ...] | None) -> ChannelGraph:
+    shape = tuple(input_shape) if input_shape is not None else spec_of(model).input_shape
+    return ChannelGraph(copy.deepcopy(model).eval(), shape)
+
+
+def importance_plan(model: nn.Module, input_shape: tuple[int, ...] | None, split_rate: float, criterion: str,
+                    data_batches: Batches | None = None) -> KeepPlan:
+    """The KeepPlan keeping, in every coupled group, the KELS number of channels that ``criterion``
+    ranks highest (module docstring). ``model`` is not modified (the scores are computed on a copy);
+    ``input_shape`` None takes the model's ModelSpec. ``data_batches`` ((inputs, labels) pairs) are
+    read by ``taylor`` only."""
+    _check_criterion(criterion)
+    sr = check_split_rate(split_rate)
+    return _plan(_traced_copy(model, input_shape), sr, criterion, data_batches)
+
+
+def prune(model: nn.Module, split_rate: float, criterion: str, data_batches: Batches | None = None,
+          input_shape: tuple[int, ...] | None = None) -> nn.Module:
+    """A physically smaller copy of ``model`` keeping what :func:`importance_plan` keeps, cut by the one
+    surgery (traced once); it carries the model's ModelSpec and plans, so it saves and loads like an
+    extracted fit hypothesis. ``model`` is untouched; fine-tuning is the caller's."""
+    _check_criterion(criterion)
+    sr = check_split_rate(split_rate)
+    graph = _traced_copy(model, input_shape)
+    plan = _plan(graph, sr, criterion, data_batches)
+    for p in graph.model.parameters():
+        p.grad = None  # the taylor scores' gradients are not part of the pruned network
+    return cut(graph, plan).eval()
