@@ -16,8 +16,9 @@ index space), reduced over the group and normalised as torch-pruning does by def
 
 The channels kept per group follow KELS's segments (``kels_segments``): the top ceil(sr*n) of every
 segment of n channels (a concatenation's chunks, a split's shares); where grouped convolutions read
-or produce the group, every block keeps the same positions, the ones whose importance summed over the
-blocks is highest, so each grouped conv keeps its group count. Depthwise convs are members of their
+or produce the channels, every block keeps the same positions (also across the groups a concatenation
+feeds into one grouped conv), the ones whose importance summed over the blocks is highest, so each
+grouped conv keeps its group count. Depthwise convs are members of their
 producer's group and follow it. Ties keep the lower index (the KELS order). The cut is the one
 surgery (``core/surgery.py``).
 """
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
-from slimkit.core.graph import ChannelGraph, CoupledGroup
+from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped
 from slimkit.core.plan import KeepPlan, check_split_rate, kels_count, kels_plan, kels_segments
 from slimkit.core.surgery import cut
 from slimkit.models import spec_of
@@ -83,20 +84,46 @@ def _taylor_gradients(model: nn.Module, data_batches: Batches | None) -> None:
         raise SlimkitError("the taylor criterion needs at least one labelled batch; data_batches was empty")
 
 
-def _group_kept(graph: ChannelGraph, group: CoupledGroup, scores: torch.Tensor, sr: float) -> set[int]:
-    """Root channels kept: the most important ceil(sr*n) of every KELS segment (blocks share positions)."""
-    segments, block = kels_segments(graph, group)
-    scores = torch.nan_to_num(scores.detach().double().cpu(), nan=0.0)  # a 0/0 normalisation ranks last
-    classes: dict[tuple[int, int], list[int]] = {}  # (offset in block, length) -> segment starts
-    for a, b in segments:
-        key = (a % block, b - a) if block is not None else (a, b - a)
-        classes.setdefault(key, []).append(a)
-    kept = set()
-    for (_, length), starts in classes.items():
-        total = sum(scores[a:a + length] for a in starts)  # (length,) importance summed over the blocks
+def _kept(graph: ChannelGraph, scored: list[tuple[CoupledGroup, torch.Tensor]], sr: float) -> dict[int, set[int]]:
+    """Root channels kept per group (by index in ``scored``): the most important ceil(sr*n) of every KELS
+    segment of n channels. Segments that must keep the same positions (the blocks of a grouped conv,
+    within a group or across the groups a concatenation feeds into it) are ranked together, by their
+    importance summed position by position."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def find(node):
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    owner: dict[tuple, tuple[int, int]] = {}  # alignment key -> first segment seen with it
+    lengths: dict[tuple[int, int], int] = {}
+    for gi, (g, _) in enumerate(scored):
+        segments, block = kels_segments(graph, g)
+        for a, b in segments:
+            node = parent[(gi, a)] = (gi, a)
+            lengths[node] = b - a
+            keys = [("block", gi, a % block, b - a)] if block is not None else []
+            for c in g.consumers:  # a grouped conv reading these channels: every input block keeps the same positions
+                m = graph.layers[c.name]
+                if is_grouped(m) and a in c.root:
+                    keys.append(("in", c.name, c.local[c.root.index(a)] % (m.in_channels // m.groups), b - a))
+            for key in keys:
+                other = owner.setdefault(key, node)
+                parent[find(node)] = find(other)
+    classes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for node in parent:
+        classes.setdefault(find(node), []).append(node)
+    scores = [torch.nan_to_num(s.detach().double().cpu(), nan=0.0) for _, s in scored]  # 0/0 normalisation: last
+    kept: dict[int, set[int]] = {gi: set() for gi in range(len(scored))}
+    for members in classes.values():
+        length = lengths[members[0]]
+        total = sum(scores[gi][a:a + length] for gi, a in members)  # (length,) summed over aligned segments
         order = sorted(range(length), key=lambda i: (-float(total[i]), i))  # ties: the KELS order
         top = order[:kels_count(length, sr)]
-        kept.update(a + i for a in starts for i in top)
+        for gi, a in members:
+            kept[gi].update(a + i for i in top)
     return kept
 
 
@@ -106,7 +133,7 @@ def _plan(graph: ChannelGraph, sr: float, criterion: str, data_batches: Batches 
     if criterion == "taylor":
         _taylor_gradients(graph.model, data_batches)
     imp = importance_of(criterion)
-    keep: dict[str, set[int]] = {}
+    scored = []
     for g in graph.groups:
         if g.is_output:
             continue  # the classifier keeps every class
@@ -114,8 +141,10 @@ def _plan(graph: ChannelGraph, sr: float, criterion: str, data_batches: Batches 
         if scores is None or scores.numel() != g.size:
             raise SlimkitError(f"layer {g.root}: torch-pruning's {criterion} importance gave no score for its "
                                f"{g.size} channels; slimkit cannot rank this group")
-        kept = _group_kept(graph, g, scores, sr)
-        for p in g.producers:  # a layer split across groups keeps its share of each
+        scored.append((g, scores))
+    keep: dict[str, set[int]] = {}
+    for gi, kept in _kept(graph, scored, sr).items():
+        for p in scored[gi][0].producers:  # a layer split across groups keeps its share of each
             keep.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in kept)
     return KeepPlan({n: tuple(sorted(k)) for n, k in keep.items()}, origin=f"{criterion} importance split_rate={sr:g}")
 
