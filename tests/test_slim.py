@@ -71,6 +71,37 @@ def test_init_follows_the_slim_layers_fan_as_the_source_would():
             assert float(t.abs().max()) > 1 / math.sqrt(dense_fan)
 
 
+class _OwnInit(nn.Module):
+    """A user's network initialising itself three ways: a fan-dependent torch.nn.init call, a bare draw with
+    a std it computed itself, and a truncated-normal recipe written with in-place ops (timm's style)."""
+
+    def __init__(self, num_classes: int = 3):
+        super().__init__()
+        self.a = nn.Conv2d(1, 64, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.fc = nn.Linear(64, num_classes)
+        nn.init.kaiming_normal_(self.a.weight, mode="fan_out")
+        self.b.weight.data.normal_(0, 0.5)
+        w = self.fc.weight.data
+        w.uniform_(-0.9, 0.9)
+        w.erfinv_()
+        w.mul_(0.01)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_a_users_own_init_is_replayed_where_it_can_be_and_kept_where_it_cannot():
+    slim = slim_network(f"{__name__}:_OwnInit", 0.5, input_shape=(1, 6, 6), generator=torch.Generator().manual_seed(0))
+    a, b, fc = slim.a.weight.detach(), slim.b.weight.detach(), slim.fc.weight.detach()
+    assert a.shape == (32, 1, 3, 3) and b.shape == (32, 32, 3, 3) and fc.shape == (3, 32)
+    assert float(a.std()) == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.15)  # the slim fan_out
+    assert float(b.std()) == pytest.approx(0.5, rel=0.05)  # the source's own number
+    # erfinv of uniform(-0.9, 0.9) times 0.01 stays within 0.01 * erfinv(0.9) = 0.0116; replaying the
+    # uniform draw alone would give values up to 0.9
+    assert float(fc.abs().max()) < 0.012
+
+
 def test_save_then_load_round_trips_it(tmp_path):
     slim = _small(4)
     path = save(slim, tmp_path / "scratch.pt", split={"mode": "kels", "rate": 0.5})

@@ -37,8 +37,7 @@ from slimkit.models import create_model, model_params
 
 __all__ = ["slim_network", "InitCall"]
 
-_TENSOR_OPS = {"normal_", "uniform_", "fill_", "zero_", "copy_"}  # what init code writes parameters with
-_REPLAYABLE_OPS = {"normal_", "uniform_", "fill_", "zero_"}  # in-place ops that can be run on another shape
+_REPLAYABLE_OPS = {"normal_", "uniform_", "fill_", "zero_"}  # in-place writes that can be run on another shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +60,11 @@ def _outer_init_frame():
     return outer
 
 
+def _in_place(name: str) -> bool:
+    """An in-place tensor method (``mul_``, ``erfinv_``, ``copy_``) or an indexed write."""
+    return name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))
+
+
 class _Recorder(TorchFunctionMode):
     """Records, per parameter storage, the initialisation calls made while a source builds itself."""
 
@@ -68,6 +72,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.calls: list[tuple[tuple[int, int], InitCall]] = []  # ((data_ptr, numel), call), in order
         self.keep: list[torch.Tensor] = []  # keeps recorded tensors alive: no data_ptr is reused meanwhile
+        self.seen: set[tuple[int, int]] = set()  # storages written by an init call: later in-place ops count
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
@@ -77,7 +82,13 @@ class _Recorder(TorchFunctionMode):
             t = kwargs.pop("tensor") if "tensor" in kwargs else args.pop(0)
             self._add(t, InitCall(func, tuple(args), dict(kwargs)))
             return func(t, *args, **kwargs)
-        if name in _TENSOR_OPS and args and isinstance(args[0], torch.Tensor):
+        if not (args and isinstance(args[0], torch.Tensor)):
+            return func(*args, **kwargs)
+        try:
+            key = (args[0].data_ptr(), args[0].numel())
+        except (RuntimeError, NotImplementedError):  # a tensor without storage (meta, sparse): not a parameter
+            return func(*args, **kwargs)
+        if name in _REPLAYABLE_OPS or (key in self.seen and _in_place(name)):
             frame = _outer_init_frame()
             if frame is not None:  # a non-dispatching init function (kaiming_normal_, ones_): record it, not its op
                 fn = getattr(torch.nn.init, frame.f_code.co_name)
@@ -86,13 +97,14 @@ class _Recorder(TorchFunctionMode):
                 call = {n: frame.f_locals[n] for n in names if n in frame.f_locals}
                 t = call.pop("tensor", args[0])
                 self._add(t, InitCall(fn, (), call))
-            else:
+            else:  # a bare write; one that cannot be replayed (erfinv_ after uniform_, copy_) keeps the built value
                 op = getattr(torch.Tensor, name) if name in _REPLAYABLE_OPS else None
                 self._add(args[0], InitCall(op, tuple(args[1:]), kwargs))
         return func(*args, **kwargs)
 
     def _add(self, t: torch.Tensor, call: InitCall) -> None:
         self.keep.append(t)
+        self.seen.add((t.data_ptr(), t.numel()))
         self.calls.append(((t.data_ptr(), t.numel()), call))
 
 
