@@ -26,7 +26,9 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(m.weight.shape) for n, m in prunable_layers(model).items()}
 
 
-@pytest.mark.parametrize("case, split_rate", [(c, 0.5) for c in CASES] + [("cifar_resnet", 0.3), ("small_vgg", 0.7)])
+@pytest.mark.parametrize("case, split_rate", [
+    pytest.param(c, 0.5, marks=[pytest.mark.slow] if c == "resnet18" else [], id=f"{c}-0.5") for c in CASES
+] + [("cifar_resnet", 0.3), ("small_vgg", 0.7)])
 def test_widths_and_parameters_equal_the_extracted_fit_hypothesis(case, split_rate):
     arch, args, shape = CASES[case]
     args = dict(args)

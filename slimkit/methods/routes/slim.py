@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import check_split_rate, kels_plan
 from slimkit.core.surgery import cut
-from slimkit.models import create_model, model_params
+from slimkit.models import create_model
 
 __all__ = ["slim_network", "InitCall"]
 
@@ -173,7 +173,7 @@ def slim_network(arch: str, split_rate: float, num_classes: int | None = None,
     sr = check_split_rate(split_rate)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     args = dict(model_args or {})
-    if num_classes is not None and "num_classes" in model_params(arch):
+    if num_classes is not None:  # as `train` builds its network: a source without the argument refuses it
         args["num_classes"] = num_classes
     build_seed = int(torch.randint(0, 2**62, (1,), generator=gen))  # construction draws are seeded too
     rec = _Recorder()
