@@ -123,8 +123,8 @@ def _uniform_bounds(call: InitCall) -> tuple[float, float] | None:
     if call.fn is nn.init.uniform_:
         lo, hi = call.kwargs.get("a", 0.0), call.kwargs.get("b", 1.0)
     elif call.fn is torch.Tensor.uniform_:
-        lo, hi = (list(call.args) + [call.kwargs.get("from", 0.0), call.kwargs.get("to", 1.0)])[:2] if call.args \
-            else (call.kwargs.get("from", 0.0), call.kwargs.get("to", 1.0))
+        lo = call.args[0] if len(call.args) > 0 else call.kwargs.get("from", 0.0)
+        hi = call.args[1] if len(call.args) > 1 else call.kwargs.get("to", 1.0)
     else:
         return None
     return round(float(lo), 12), round(float(hi), 12)
