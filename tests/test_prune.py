@@ -83,10 +83,27 @@ class _GroupedConcat(nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def _case(name):
-    if name == "grouped_concat":
-        torch.manual_seed(0)
-        m = randomize_bn(_GroupedConcat(), seed=3).eval()
+class _Ghost(nn.Module):
+    """GhostNet's module: a conv's output concatenated with a depthwise conv of itself, added to its input.
+    Channel i of both chunks comes from the conv's channel i; torch-pruning's group lists only one tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.primary = nn.Sequential(nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        p = self.primary(x)
+        return self.head((torch.cat([p, self.cheap(p)], 1) + x).mean((2, 3)))
+
+
+def _case(name, seed=0):
+    if name in ("grouped_concat", "ghost"):
+        torch.manual_seed(seed)
+        m = randomize_bn(_GroupedConcat() if name == "grouped_concat" else _Ghost(), seed=seed).eval()
         return m, (3, 8, 8)
     m = _net(name)
     return m, m.slimkit_spec.input_shape
@@ -98,11 +115,12 @@ def _p(name, criterion, slow=False):
 
 @pytest.mark.parametrize("name, criterion", [
     _p("cifar_resnet", "l2"), _p("small_vgg", "taylor"), _p("grouped_concat", "l1"), _p("grouped_concat", "taylor"),
+    _p("ghost", "l1"),
     _p("resnet18", "l1", slow=True), _p("mobilenet_v2", "taylor", slow=True),
 ])
 def test_widths_equal_kels_and_the_cut_equals_the_masked_network(name, criterion):
     model, shape = _case(name)
-    classes = 4 if name == "grouped_concat" else 5
+    classes = 4 if name in ("grouped_concat", "ghost") else 5
     batches = _batches(shape, classes)
     sr = 0.5
     slim = prune(model, sr, criterion, data_batches=batches, input_shape=shape)
@@ -120,6 +138,16 @@ def test_widths_equal_kels_and_the_cut_equals_the_masked_network(name, criterion
     for n, m in slim.named_modules():  # grouped convs keep their group count; depthwise stay depthwise
         if isinstance(m, nn.Conv2d) and m.groups > 1:
             assert m.groups == (m.in_channels if dense[n].groups == dense[n].in_channels else dense[n].groups)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ghost_modules_keep_the_same_positions_in_both_chunks(seed):
+    # without the shared choice, half of these seeds pick different channels in the two chunks: a cut
+    # torch-pruning cannot do (stem.0 would end with 2 channels)
+    model, shape = _case("ghost", seed)
+    slim = prune(model, 0.5, "l1", input_shape=shape)  # verified against the masked network inside
+    keep = slim.slimkit_plans[-1].keep
+    assert [c for c in keep["stem.0"] if c < 4] == list(keep["primary.0"]) == [c - 4 for c in keep["stem.0"] if c >= 4]
 
 
 def test_the_source_is_left_untouched():

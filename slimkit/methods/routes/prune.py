@@ -15,10 +15,13 @@ index space), reduced over the group and normalised as torch-pruning does by def
 - ``kels``: the KELS prefix itself (``core/plan.py kels_plan``).
 
 The channels kept per group follow KELS's segments (``kels_segments``): the top ceil(sr*n) of every
-segment of n channels (a concatenation's chunks, a split's shares); where grouped convolutions read
-or produce the channels, every block keeps the same positions (also across the groups a concatenation
-feeds into one grouped conv), the ones whose importance summed over the blocks is highest, so each
-grouped conv keeps its group count. Depthwise convs are members of their
+segment of n channels (a concatenation's chunks, a split's shares, a grouped conv's blocks). Segments
+of one length in a group keep the same relative positions, the ones whose importance summed over them
+is highest, as KELS keeps the same prefix in each: torch-pruning's group can miss a tie between them
+(GhostNet's concatenation of a conv's output with a depthwise conv of that output couples channel i
+of both chunks, and the traced group lists only one), which a shared choice satisfies. For the same
+reason the input blocks of a grouped conv keep the same positions across the groups a concatenation
+feeds into it, so each grouped conv keeps its group count. Depthwise convs are members of their
 producer's group and follow it. Ties keep the lower index (the KELS order). The cut is the one
 surgery (``core/surgery.py``).
 """
@@ -33,7 +36,15 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped
-from slimkit.core.plan import KeepPlan, check_split_rate, kels_count, kels_plan, kels_segments
+from slimkit.core.plan import (
+    KeepPlan,
+    apply_masks,
+    check_split_rate,
+    kels_count,
+    kels_plan,
+    kels_segments,
+    plan_masks,
+)
 from slimkit.core.surgery import cut
 from slimkit.models import spec_of
 
@@ -86,9 +97,9 @@ def _taylor_gradients(model: nn.Module, data_batches: Batches | None) -> None:
 
 def _kept(graph: ChannelGraph, scored: list[tuple[CoupledGroup, torch.Tensor]], sr: float) -> dict[int, set[int]]:
     """Root channels kept per group (by index in ``scored``): the most important ceil(sr*n) of every KELS
-    segment of n channels. Segments that must keep the same positions (the blocks of a grouped conv,
-    within a group or across the groups a concatenation feeds into it) are ranked together, by their
-    importance summed position by position."""
+    segment of n channels. Segments that keep the same positions (a group's segments of one length; the
+    input blocks of a grouped conv, across the groups a concatenation feeds into it) are ranked together,
+    by their importance summed position by position."""
     parent: dict[tuple[int, int], tuple[int, int]] = {}
 
     def find(node):
@@ -100,11 +111,10 @@ def _kept(graph: ChannelGraph, scored: list[tuple[CoupledGroup, torch.Tensor]], 
     owner: dict[tuple, tuple[int, int]] = {}  # alignment key -> first segment seen with it
     lengths: dict[tuple[int, int], int] = {}
     for gi, (g, _) in enumerate(scored):
-        segments, block = kels_segments(graph, g)
-        for a, b in segments:
+        for a, b in kels_segments(graph, g)[0]:
             node = parent[(gi, a)] = (gi, a)
             lengths[node] = b - a
-            keys = [("block", gi, a % block, b - a)] if block is not None else []
+            keys = [("segment", gi, b - a)]  # the group's segments of one length: see the module docstring
             for c in g.consumers:  # a grouped conv reading these channels: every input block keeps the same positions
                 m = graph.layers[c.name]
                 if is_grouped(m) and a in c.root:
@@ -166,14 +176,29 @@ def importance_plan(model: nn.Module, input_shape: tuple[int, ...] | None, split
 
 
 def prune(model: nn.Module, split_rate: float, criterion: str, data_batches: Batches | None = None,
-          input_shape: tuple[int, ...] | None = None) -> nn.Module:
+          input_shape: tuple[int, ...] | None = None, seed: int = 0, verify_batch: int = 2) -> nn.Module:
     """A physically smaller copy of ``model`` keeping what :func:`importance_plan` keeps, cut by the one
-    surgery (traced once); it carries the model's ModelSpec and plans, so it saves and loads like an
+    surgery (traced once) and verified, like ``extract``, against the dense network with the dropped
+    channels zeroed (float64, ``verify_batch`` random inputs drawn with ``seed``); a cut that is not
+    exact is refused. It carries the model's ModelSpec and plans, so it saves and loads like an
     extracted fit hypothesis. ``model`` is untouched; fine-tuning is the caller's."""
+    from slimkit.methods.ke.extract import VERIFY_RTOL, VERIFY_RTOL_FP32, verify_slim
+
     _check_criterion(criterion)
     sr = check_split_rate(split_rate)
     graph = _traced_copy(model, input_shape)
     plan = _plan(graph, sr, criterion, data_batches)
     for p in graph.model.parameters():
         p.grad = None  # the taylor scores' gradients are not part of the pruned network
-    return cut(graph, plan).eval()
+    masked = apply_masks(copy.deepcopy(graph.model), plan_masks(graph, plan))
+    hint = f"the {criterion} choice of channels cannot be cut exactly from this network; use the kels criterion"
+    try:
+        slim = cut(graph, plan).eval()
+    except SlimkitError as exc:
+        raise SlimkitError(f"{hint}: {exc}") from exc
+    x = torch.randn(verify_batch, *graph.input_shape, generator=torch.Generator().manual_seed(seed))
+    max_abs, max_rel, dtype = verify_slim(masked, slim, x.to(_device(slim)))
+    if not max_rel <= (VERIFY_RTOL if dtype == "float64" else VERIFY_RTOL_FP32):  # also catches NaN
+        raise SlimkitError(f"{hint}: the pruned and masked dense networks differ by {max_abs:.3e} in {dtype} "
+                           f"(relative {max_rel:.1e})")
+    return slim
