@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.core.cost import example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.models import spec_of
 
@@ -53,13 +54,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
 
 def _classes(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """The number of outputs of ``model`` on one input (its mode and BN statistics are left as they were)."""
-    p = next(model.parameters(), None)
-    dev = p.device if p is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            out = model(torch.zeros(1, *input_shape, device=dev))
+            out = model(example_input(model, input_shape))
     finally:
         model.train(was_training)
     return int(out.shape[-1])

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimkit.core.cost import device_of, example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped
 from slimkit.core.plan import (
@@ -73,16 +74,11 @@ def importance_of(criterion: str):
     return tp.importance.GroupMagnitudeImportance(p=1 if criterion == "l1" else 2)
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _taylor_gradients(model: nn.Module, data_batches: Batches | None) -> None:
     """Accumulate d(mean cross-entropy)/dw of every parameter over ``data_batches`` into ``.grad``."""
     if data_batches is None:
         raise SlimkitError("the taylor criterion needs labelled batches (data_batches / --data) to compute gradients")
-    dev, n = _device(model), 0
+    dev, n = device_of(model), 0
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
@@ -196,8 +192,8 @@ def prune(model: nn.Module, split_rate: float, criterion: str, data_batches: Bat
         slim = cut(graph, plan).eval()
     except SlimkitError as exc:
         raise SlimkitError(f"{hint}: {exc}") from exc
-    x = torch.randn(verify_batch, *graph.input_shape, generator=torch.Generator().manual_seed(seed))
-    max_abs, max_rel, dtype = verify_slim(masked, slim, x.to(_device(slim)))
+    x = example_input(slim, graph.input_shape, verify_batch, torch.Generator().manual_seed(seed))
+    max_abs, max_rel, dtype = verify_slim(masked, slim, x)
     if not max_rel <= (VERIFY_RTOL if dtype == "float64" else VERIFY_RTOL_FP32):  # also catches NaN
         raise SlimkitError(f"{hint}: the pruned and masked dense networks differ by {max_abs:.3e} in {dtype} "
                            f"(relative {max_rel:.1e})")
