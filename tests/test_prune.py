@@ -158,6 +158,14 @@ def test_the_source_is_left_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_frozen_layer_stays_frozen_and_nothing_keeps_a_gradient():
+    model = _net("small_vgg")
+    model.features[0].requires_grad_(False)
+    slim = prune(model, 0.5, "taylor", data_batches=_batches((1, 8, 8), 5))
+    assert [n for n, p in slim.named_parameters() if not p.requires_grad] == ["features.0.weight", "features.0.bias"]
+    assert all(p.grad is None for p in slim.parameters())
+
+
 def test_kels_criterion_is_the_kels_plan():
     model = _net("cifar_resnet")
     plan = importance_plan(model, None, 0.3, "kels")

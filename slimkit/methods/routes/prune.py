@@ -79,14 +79,19 @@ def _taylor_gradients(model: nn.Module, data_batches: Batches | None) -> None:
     if data_batches is None:
         raise SlimkitError("the taylor criterion needs labelled batches (data_batches / --data) to compute gradients")
     dev, n = device_of(model), 0
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in model.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(True)  # a frozen layer is scored too; it stays frozen (below)
         p.grad = None
     model.eval()  # gradients at the network as it is: BN uses (and keeps) its running statistics
-    with torch.inference_mode(False), torch.enable_grad():
-        for x, y in data_batches:
-            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
-            n += 1
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for x, y in data_batches:
+                F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+                n += 1
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     if n == 0:
         raise SlimkitError("the taylor criterion needs at least one labelled batch; data_batches was empty")
 
