@@ -154,6 +154,8 @@ def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: i
     member's boundaries, and a prefix of each segment is a prefix of every member's share, so all
     coupled layers agree. Grouped convs further split segments into blocks of their group width.
     """
+    if getattr(graph, "labelled", None):
+        return _kept_cells(graph, group, sr, round_to)
     cuts = {0, group.size}
     for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
         prev = None
@@ -174,6 +176,36 @@ def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: i
     kept = set()
     for a, b in zip(bounds, bounds[1:]):
         kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
+    return kept
+
+
+def _kept_cells(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
+    """Root channels KELS keeps when the coupling permutes channels (a shuffle, a split joined back).
+
+    Root channels are sorted into *cells* by the set of layers that produce them (and, for a grouped
+    conv, the group they fall in); every cell keeps its first ceil(sr*n) in root order. A layer whose
+    channels form one cell keeps the paper's ceil(sr*C); every coupled layer agrees, because the
+    choice is made once per channel class.
+    """
+    cells: dict[tuple, list[int]] = {}
+    sig: dict[int, list] = {}
+    for members, out in ((group.producers, True), (group.consumers, False)):
+        for mem in members:
+            m = graph.layers[mem.name]
+            grouped = is_grouped(m) and mem.name not in getattr(graph, "multipliers", ())
+            per = (m.out_channels if out else m.in_channels) // m.groups if grouped else None
+            if not out and per is None:
+                continue  # a dense consumer reads whatever is kept
+            for loc, r in zip(mem.local, mem.root):
+                sig.setdefault(r, []).append((mem.name, out, loc // per if per else 0))
+    marks = getattr(group, "marks", {})  # the pieces of splits a channel passes through
+    for r in range(group.size):
+        cells.setdefault((tuple(sorted(set(sig.get(r, [])))), marks.get(r, ())), []).append(r)
+    grouped = any(is_grouped(graph.layers[m.name]) and m.name not in getattr(graph, "multipliers", ())
+                  for m in group.producers + group.consumers)
+    kept = set()
+    for roots in cells.values():
+        kept.update(roots[: kels_count(len(roots), sr, 1 if grouped else round_to)])
     return kept
 
 
@@ -214,8 +246,8 @@ def grouped_keeps(graph: ChannelGraph, plan: KeepPlan) -> dict[str, tuple[list[i
                 dropped_out.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in drop)
     out = {}
     for name, m in graph.layers.items():
-        if not is_grouped(m):
-            continue
+        if not is_grouped(m) or name in getattr(graph, "multipliers", ()):
+            continue  # a conv with one input per group loses whole groups, like a depthwise one
         g, per_in, per_out = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
         d_in, d_out = dropped_in.get(name, set()), dropped_out.get(name, set())
         pos = [sorted(i % per_in for i in range(j * per_in, (j + 1) * per_in) if i not in d_in) for j in range(g)]
