@@ -177,3 +177,11 @@ def test_a_split_size_the_cut_cannot_follow_is_refused_and_nothing_is_written(tm
     msg = str(info.value)
     assert "after the cut the forward fails" in msg and "\n" not in msg and msg.startswith("layer ")
     assert not out.exists()
+
+
+def test_merging_refuses_a_network_whose_coupling_needs_labels():
+    from slimkit.methods.merge.transform import mergeable_graph
+
+    with pytest.raises(SlimkitError) as info:
+        mergeable_graph(Split(), SHAPE)
+    assert str(info.value).startswith("layer (model): channel split, which merging cannot widen exactly")

@@ -41,7 +41,7 @@ _MOVE = {
 }
 _LIST_MOVE = {"cat", "concat", "concatenate", "stack"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "softmax", "log_softmax", "logsumexp", "prod", "std",
-           "var", "norm", "cumsum", "argmax", "argmin", "_softmax"}
+           "var", "norm", "normalize", "cumsum", "argmax", "argmin", "_softmax"}
 _SKIP = {"size", "dim", "numel", "__get__", "item", "tolist", "__len__", "__bool__", "__format__", "__repr__",
          "is_contiguous", "stride", "data_ptr", "element_size"}
 _CHANNEL_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
@@ -189,7 +189,7 @@ class _Mode(TorchFunctionMode):
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         binary = len(args) > 1 and isinstance(args[1], torch.Tensor)  # torch.max(a, b) is elementwise
         if (name in _REDUCE or (name.endswith("_") and name[:-1] in _REDUCE)) and not binary:
-            return self._reduce(args, kwargs, outs, tracked)
+            return self._reduce(name, args, kwargs, outs, tracked)
         if not outs:
             return
         o = outs[0]
@@ -270,7 +270,8 @@ class _Mode(TorchFunctionMode):
             # re-formed from the new width, so every group must keep the same positions: tie them
             self._tie(self.channels(x), out.shape[1])
         if name in ("split", "split_with_sizes", "chunk", "tensor_split", "unbind") and _dim(args, kwargs, x) == 1:
-            size = kwargs.get("split_size_or_sections", kwargs.get("split_size", kwargs.get("chunks", args[1] if len(args) > 1 else None)))
+            size = args[1] if len(args) > 1 else next(
+                (kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks", "sections") if k in kwargs), None)
             if name == "chunk" and len({o.shape[1] for o in out}) == 1:
                 # chunk re-forms equal pieces from the cut width: every piece keeps the same positions
                 self._tie(self.channels(x)[: sum(o.shape[1] for o in out)], len(out))
@@ -289,10 +290,13 @@ class _Mode(TorchFunctionMode):
         v = ch.reshape(g, -1)
         self.uf.union_pairs(v, v[:1])
 
-    def _reduce(self, args, kwargs, outs, tracked) -> None:
+    def _reduce(self, name, args, kwargs, outs, tracked) -> None:
         x = tracked[0]
         lab = self.labels(x)
-        dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
+        if name in ("norm", "normalize"):  # norm(x, p, dim), normalize(x, p=2.0, dim=1)
+            dim = kwargs.get("dim", args[2] if len(args) > 2 else (1 if name == "normalize" else None))
+        else:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 and not isinstance(args[1], torch.Tensor) else None)
         dims = list(range(x.dim())) if dim is None else ([dim] if isinstance(dim, int) else list(dim))
         dims = sorted(d % x.dim() for d in dims)
         moved = lab.movedim(dims, list(range(x.dim() - len(dims), x.dim())))

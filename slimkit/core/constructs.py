@@ -90,7 +90,7 @@ class _Scan(TorchFunctionMode):
                                  "channels, so cutting some changes the others")
         if name in ("split", "chunk", "tensor_split", "split_with_sizes", "unbind") and args \
                 and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and _dim_arg(args, kwargs) == 1:
-            self.labelled.setdefault("channel split", where)
+            self.labelled.setdefault("channel split", where or "(model)")
         if name == "batch_norm" and self._module_is(nn.Conv2d):
             raise Refusal(where, "weight standardisation (a conv normalising its own filters): cutting input "
                                  "channels changes every filter's statistics")
@@ -100,14 +100,14 @@ class _Scan(TorchFunctionMode):
             if id(w) in self.params or w.dim() != 4 or w.shape[1] != 1 or groups != x.shape[1]:
                 raise Refusal(where, "functional convolution outside an nn.Conv2d (other than a fixed depthwise "
                                      "filter): its weight does not follow the cut")
-            self.labelled.setdefault("fixed depthwise filter", where)
+            self.labelled.setdefault("fixed depthwise filter", where or "(model)")
         out = func(*args, **kwargs)
         if name in ("view", "reshape") and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             x = args[0]
             if x.dim() == 4 and out.dim() >= 4 and out.shape[0] == x.shape[0] and 1 < out.shape[1] < x.shape[1] \
                     and x.shape[1] % out.shape[1] == 0 and out.shape[2] > 1 and out[0].numel() == x[0].numel() \
                     and out.shape[-1] == x.shape[-1]:
-                self.labelled.setdefault("channels reshaped into groups", where)
+                self.labelled.setdefault("channels reshaped into groups", where or "(model)")
         return out
 
 

@@ -3,7 +3,9 @@
 This module only *describes* a network: which conv/linear layers' output channels are tied
 together (residual adds, concatenations, depthwise convs) and which input channels of which
 consumers each output channel feeds (through BN, pooling, flatten, cat). Choosing channels
-(plan.py) and cutting them (surgery.py) both read this description.
+(plan.py) and cutting them (surgery.py) both read this description. Where torch-pruning's index
+maps do not follow the network (a channel shuffle, a split joined back, a fixed filter, layer
+scale), the same description is read from a channel-label trace instead (channelmap.py).
 """
 from __future__ import annotations
 
