@@ -41,7 +41,8 @@ _MOVE = {
 }
 _LIST_MOVE = {"cat", "concat", "concatenate", "stack"}
 _REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "softmax", "log_softmax", "logsumexp", "prod", "std",
-           "var", "norm", "normalize", "cumsum", "argmax", "argmin", "_softmax"}
+           "var", "norm", "normalize", "cumsum", "cumprod", "cummax", "cummin", "argmax", "argmin", "_softmax",
+           "sort", "argsort", "topk", "median", "kthvalue"}
 _SKIP = {"size", "dim", "numel", "__get__", "item", "tolist", "__len__", "__bool__", "__format__", "__repr__",
          "is_contiguous", "stride", "data_ptr", "element_size"}
 _CHANNEL_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.PReLU)
@@ -262,8 +263,8 @@ class _Mode(TorchFunctionMode):
             if isinstance(o, torch.Tensor) and isinstance(lab, torch.Tensor) and lab.shape == o.shape:
                 self.put(o, lab)
         x = args[0]
-        if not isinstance(x, torch.Tensor) or x.dim() < 2:
-            return
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4):
+            return  # dimension 1 is a channel dimension only in (N, C) and (N, C, H, W)
         if name in ("view", "reshape", "unflatten") and isinstance(out, torch.Tensor) and out.dim() > x.dim() \
                 and out.shape[0] == x.shape[0] and 1 < out.shape[1] < x.shape[1] and x.shape[1] % out.shape[1] == 0:
             # channels reshaped into g groups (a shuffle, split attention): after the cut the groups are
@@ -313,8 +314,8 @@ class _Mode(TorchFunctionMode):
     def _constants(self, args, kwargs, x, o) -> None:
         """A parameter/buffer that varies along x's channels (layer scale) is cut with them; any other
         per-channel constant is refused."""
-        if x.dim() < 2 or x.shape[1] <= 1:
-            return
+        if x.dim() < 2 or x.shape[1] <= 1 or bool((self.labels(x) == PINNED).all()):
+            return  # one channel, or the image's own channels (an input normalisation): nothing is cut
         for t in tree_flatten((args, kwargs))[0]:
             if not isinstance(t, torch.Tensor) or self.labels(t) is not None or t.dim() == 0:
                 continue
@@ -322,7 +323,7 @@ class _Mode(TorchFunctionMode):
             if len(aligned) != o.dim() or aligned[1] <= 1:
                 continue  # constant across channels
             src = self.state.get(id(t))
-            if src is None or not src[2] or src[0].numel() != x.shape[1]:
+            if src is None or not src[2] or src[0].numel() != x.shape[1] or x.dim() not in (2, 4):
                 what = src[1].split(":", 1)[1] if src else "a tensor made in the forward"
                 self.refuse(f"a per-channel constant computed from {what} multiplies or shifts the channels; "
                             "no exact cutting rule")
