@@ -18,7 +18,7 @@ from torch import nn
 from slimkit import SlimkitError
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import KeepPlan, apply_masks, kels_plan, plan_masks
-from slimkit.core.surgery import cut
+from slimkit.core.surgery import cut, plans_of
 
 SHAPE = (3, 12, 12)
 
@@ -185,3 +185,20 @@ def test_merging_refuses_a_network_whose_coupling_needs_labels():
     with pytest.raises(SlimkitError) as info:
         mergeable_graph(Split(), SHAPE)
     assert str(info.value).startswith("layer (model): channel split, which merging cannot widen exactly")
+
+
+def test_a_split_network_rebuilds_from_its_checkpoint(tmp_path):
+    """A slim checkpoint is rebuilt by re-applying its plan to a fresh dense network: the stored split
+    sizes must be rewritten again, and the weights must load into the rebuilt shapes."""
+    import slimkit
+
+    dense = randomize_bn(slimkit.create_model("test_channel_labels:Split", input_shape=SHAPE), seed=4)
+    out = tmp_path / "split.slim.pt"
+    slimkit.extract(dense, split_rate=0.5, out=out)
+    slim = slimkit.load(out, arch="test_channel_labels:Split")  # an import path is named to be imported
+    assert slim.splits == [1, 3] and slim.width == 2
+    graph = ChannelGraph(copy.deepcopy(dense), SHAPE)
+    masked = apply_masks(copy.deepcopy(dense), plan_masks(graph, plans_of(slim)[-1]))
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert rel_err(slim.eval()(x), masked.eval()(x)) <= 1e-5
