@@ -208,6 +208,14 @@ class ChannelGraph:
             )
         return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
+    def pruning_group(self, group: CoupledGroup):
+        """torch-pruning's own ``Group`` of every channel of ``group`` (what its importance estimators
+        read: each item's layer, pruning function, local and root indices), read without pruning."""
+        root = self.layers[group.root]
+        pruner = self.dg.get_pruner_of_module(root)
+        with _mapping_frozen():  # nothing changes shape while it is read
+            return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(group.size)))
+
     def prune_groups(self, drops: list[tuple[CoupledGroup, list[int]]]) -> None:
         """Physically remove root channels of several groups at once.
 

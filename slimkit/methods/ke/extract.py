@@ -25,7 +25,7 @@ from slimkit.core.plan import (
 from slimkit.core.surgery import cut
 from slimkit.models import spec_of
 
-__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "extract", "default_output", "SPLIT_MODES"]
+__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "verify_slim", "extract", "default_output", "SPLIT_MODES"]
 
 SPLIT_MODES = ("kels", "wels")
 # Refuse to write when slim and masked dense differ by more, relative to max |logit|. The two are
@@ -171,7 +171,7 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
     x = example_input(dense, spec.input_shape, verify_batch, torch.Generator().manual_seed(seed))
     with torch.inference_mode(), MacCounter(masked) as dense_macs, MacCounter(slim) as slim_macs:
         masked(x), slim(x)  # masked has the dense network's shapes, so its MACs
-    max_abs, max_rel, dtype = _verify(masked, slim, x)
+    max_abs, max_rel, dtype = verify_slim(masked, slim, x)
     bound = VERIFY_RTOL if dtype == "float64" else VERIFY_RTOL_FP32
     if not max_rel <= bound:  # also catches NaN
         raise SlimkitError(
@@ -182,7 +182,7 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
                          verify_batch, round_to, dtype)
 
 
-def _verify(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
+def verify_slim(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
     """max |slim(x) - masked(x)|, relative to max |masked(x)|, and the dtype compared in (``masked`` is a
     throwaway copy; ``slim`` is left in float32)."""
     try:
