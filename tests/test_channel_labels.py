@@ -202,3 +202,13 @@ def test_a_split_network_rebuilds_from_its_checkpoint(tmp_path):
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert rel_err(slim.eval()(x), masked.eval()(x)) <= 1e-5
+
+
+def test_importance_ranking_refuses_a_network_whose_coupling_needs_labels():
+    from slimkit.methods.routes.prune import importance_plan
+
+    with pytest.raises(SlimkitError) as info:
+        importance_plan(Shuffle(), SHAPE, 0.5, "l1")
+    msg = str(info.value)
+    assert msg.startswith("layer (model): channel split: torch-pruning's dependency graph does not follow it")
+    assert "\n" not in msg

@@ -211,6 +211,11 @@ class ChannelGraph:
     def pruning_group(self, group: CoupledGroup):
         """torch-pruning's own ``Group`` of every channel of ``group`` (what its importance estimators
         read: each item's layer, pruning function, local and root indices), read without pruning."""
+        if self.labelled:
+            construct, layer = next(iter(self.labelled.items()))
+            raise SlimkitError(f"layer {layer}: {construct}: torch-pruning's dependency graph does not follow it, so "
+                               "its importance estimators cannot score these channels; only the KELS prefix rule cuts "
+                               "this network")
         root = self.layers[group.root]
         pruner = self.dg.get_pruner_of_module(root)
         with _mapping_frozen():  # nothing changes shape while it is read

@@ -147,7 +147,9 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
 
 def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
     """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels
-    (see :func:`kels_segments`)."""
+    (see :func:`kels_segments`), or of every cell where the coupling was read by channel labels."""
+    if getattr(graph, "labelled", None):
+        return _kept_cells(graph, group, sr, round_to)
     segments, block = kels_segments(graph, group)
     kept = set()
     for a, b in segments:
@@ -167,8 +169,6 @@ def kels_segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[tuple[
     Any rule that keeps as many channels of every segment (KELS: a prefix; an importance criterion:
     the top ones) gives every layer the KELS width.
     """
-    if getattr(graph, "labelled", None):
-        return _kept_cells(graph, group, sr, round_to)
     cuts = {0, group.size}
     for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
         prev = None
