@@ -16,7 +16,9 @@ Two levels, each with the per-method parts as hooks:
   phase builds what trains (``begin``, given the epochs already done when resumed inside it),
   evaluates/logs/saves after each epoch (``end_epoch``) and acts at its boundary (``end``:
   evolve's generation checkpoint, merge's compression). Every epoch is a resume point, where a test
-  may stop the run (:func:`slimkit.engine.testhooks.stop_after`).
+  may stop the run (:func:`slimkit.engine.testhooks.stop_after`). DEN's resume points are whole tasks
+  and baselines (it keeps no per-epoch state), so its sequence calls :func:`run_epochs` per fit and
+  saves its state itself.
 
 Datasets: :mod:`slimkit.data.select`; run directory: :mod:`slimkit.engine.rundir`; DDP: :mod:`slimkit.engine.distributed`.
 """
@@ -161,7 +163,7 @@ def run_phases(phases: Sequence[Phase], first: int = 0, done: int = 0) -> bool:
         for epoch in range(start, phase.epochs):
             t0 = time.perf_counter()
             stats = run_epoch(net, opt, hooks, epoch)
-            phase.end_epoch(epoch, {**stats, "_t0": t0, "train_seconds": time.perf_counter() - t0})
+            phase.end_epoch(epoch, {**stats, "train_seconds": time.perf_counter() - t0})
             if hook is not None and hook.passed_point():
                 return False
         if phase.end is not None:
@@ -171,12 +173,13 @@ def run_phases(phases: Sequence[Phase], first: int = 0, done: int = 0) -> bool:
 
 def log_epoch(run, record: dict[str, Any], evaluate: Callable[[], dict[str, Any]] | None,
               state: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Rank 0 after an epoch: ``record`` (from :func:`run_phases`) plus ``evaluate()`` when given, logged
-    with its timings; then the resume state. Returns the record without timings."""
-    t0 = record.pop("_t0")
+    """Rank 0 after an epoch: ``record`` (with the ``train_seconds`` :func:`run_phases` measured) plus
+    ``evaluate()`` when given, logged with the epoch's seconds; then the resume state. Returns the
+    record without timings."""
+    t0 = time.perf_counter()
     train_s = record.pop("train_seconds")
     if evaluate is not None:
         record.update(evaluate())
-    run.log({**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
+    run.log({**record, "train_seconds": train_s, "seconds": train_s + time.perf_counter() - t0})
     run.save_state(state())
     return record
