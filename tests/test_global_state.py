@@ -77,11 +77,15 @@ def _call(verb: str, trained, tmp):
                            **QUIET)
     if verb == "extract":
         return slimkit.extract(trained[0], split_rate=0.5, out=tmp / "s.pt")
+    if verb == "export":
+        return slimkit.export(trained[0], tmp / "n.onnx")
+    if verb == "bench":
+        return slimkit.bench([trained[0]], batch=(1,), runs=2, warmup=1, progress=False)
     return slimkit.compare(trained[0], split_rate=0.5, batches=(1,), runs=2, warmup=1, out=tmp / "c")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("verb", ["train", "evolve", "merge", "den", "extract", "compare"])
+@pytest.mark.parametrize("verb", ["train", "evolve", "merge", "den", "extract", "export", "bench", "compare"])
 def test_a_verb_leaves_the_session_as_it_found_it(verb, trained, session, tmp_path):
     before = _snapshot()
     _call(verb, trained, tmp_path)
