@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DEMO   := models/digits_resnet20.pt
 DEMO_KE := models/digits_resnet20_ke.pt
 
-.PHONY: venv demo test test-fast test-compat clean
+.PHONY: venv demo lint test test-fast test-compat clean
 
 venv: $(VENV)/.installed
 
@@ -29,11 +29,15 @@ demo: venv
 INVARIANTS := tests/test_surgery.py tests/test_plan.py tests/test_checkpoint.py tests/test_export.py \
               tests/test_merge.py tests/test_den.py
 
-test: venv
+# The linter's rule set is in pyproject.toml ([tool.ruff]); `make test` stops on any finding.
+lint: venv
+	$(BIN)/ruff check slimkit tests benchmarks tools
+
+test: lint
 	SLIMKIT_TEST_THREADS=2 $(BIN)/python -m pytest -q
 	SLIMKIT_TEST_THREADS=1 $(BIN)/python -m pytest -q $(INVARIANTS)
 
-test-fast: venv
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Another supported torch: a fresh venv with torch 2.13.0 and torchvision 0.28.0 from the registry

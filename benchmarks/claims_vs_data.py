@@ -74,9 +74,9 @@ def _tpc(size: str) -> int | None:
 def ke_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
     """One KE run of G generations (dense and fit accuracy at each generation's end) and the budget-matched
     single networks: one dense network trained g x E epochs in one schedule for every reported g."""
-    from slimkit.methods.ke.evolve import EvolveConfig, evolve
     from slimkit.engine.loop import TrainConfig
     from slimkit.engine.train import TrainRunConfig, train
+    from slimkit.methods.ke.evolve import EvolveConfig, evolve
 
     quiet = lambda s: None  # noqa: E731
     G, E = max(args.ke_generations), args.ke_epochs
@@ -98,8 +98,8 @@ def merge_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
     """Two teachers (seeds 2s+1, 2s+2), their merge at the default settings, and a single network trained
     for 2 x teacher + gate + fine-tune epochs; all on the same seeded subset."""
     from slimkit.engine.loop import TrainConfig
-    from slimkit.methods.merge.merging import MergeConfig, merge
     from slimkit.engine.train import TrainRunConfig, train
+    from slimkit.methods.merge.merging import MergeConfig, merge
 
     quiet = lambda s: None  # noqa: E731
     te = args.teacher_epochs

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_bn, rel_err
 from torch import nn
 
 import slimkit
 from slimkit import create_model, load, save
-from conftest import randomize_bn, rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "slimkit"

@@ -62,7 +62,8 @@ def test_kels_depthwise_and_concat():
     m = masks["features.denseblock1.denselayer3.conv1"]
     kept_in = m[0, :, 0, 0]
     expected = torch.zeros(128, dtype=torch.bool)
-    expected[:32] = True; expected[64:80] = True; expected[96:112] = True  # first half of every chunk
+    for lo, hi in ((0, 32), (64, 80), (96, 112)):  # first half of every chunk
+        expected[lo:hi] = True
     assert torch.equal(kept_in, expected)
 
 

@@ -89,7 +89,7 @@ def write_folder(npz: Path, out: Path) -> Path:
     from PIL import Image
 
     d = np.load(npz)
-    for i, (img, lab, f, test) in enumerate(zip(d["images"], d["labels"], d["font"], d["in_test"])):
+    for img, lab, f, test in zip(d["images"], d["labels"], d["font"], d["in_test"]):
         folder = out / ("test" if test else "train") / LETTERS[int(lab)]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(folder / f"{int(f):03d}.png")

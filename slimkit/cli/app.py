@@ -1,7 +1,8 @@
 """`slimkit VERB`: the parser, logging set-up and the one place errors become exit codes.
 
 User mistakes (SlimkitError, bad arguments) print one line on stderr and exit 2; anything else is a
-slimkit bug: exit 1, one line saying so, the traceback behind --debug (or SLIMKIT_DEBUG=1).
+slimkit bug: exit 1, one line saying so. --debug (or SLIMKIT_DEBUG=1) adds the traceback to both,
+with the chained cause of a user error (e.g. the parser's or torch's own exception).
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 INVOCATION.reset(token)
         return args.func(args)
     except SlimkitError as exc:
+        if _debug(args):  # the user's mistake, but --debug shows where it was caught and its cause
+            import traceback
+
+            traceback.print_exc()
         sys.stderr.write(f"slimkit {args.verb}: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
