@@ -10,8 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
 from slimkit.core.globalstate import keep_global_state, seed_global
