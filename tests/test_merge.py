@@ -368,3 +368,39 @@ def test_cuda_layout_and_autocast_rehearsed_on_cpu(teachers, tmp_path, monkeypat
     assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)
     assert load(tmp_path / "full" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
     assert s["big_student"] == s["ensemble"]
+
+
+TINY_NET = """
+from torch import nn
+
+
+def tiny(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+"""
+
+
+def test_a_student_without_an_image_size_argument_keeps_the_teachers_input_shape(tmp_path, monkeypatch):
+    # torchvision, timm and a user's own network take no image-size argument: trained at --image-size 8,
+    # the input shape lives only in the checkpoint's spec, and the merged student was recorded at
+    # its source's default, 3x224x224
+    import sys
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "mergenets_tiny.py").write_text(TINY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    arch = "mergenets_tiny:tiny"
+    try:
+        for s in (1, 2):
+            save(_teachers(arch, {"num_classes": 10, "input_shape": (3, 8, 8)}, seeds=(s,))[0], tmp_path / f"t{s}.pt")
+        teachers = [tmp_path / "t1.pt", tmp_path / "t2.pt"]
+        cfg = _merge_cfg(train_per_class=2, gate=TrainConfig(epochs=1, lr=0.01, batch_size=16),
+                         finetune=TrainConfig(epochs=2, lr=0.01, warmup_epochs=1, batch_size=16))
+        # stopped in the fine-tuning phase and resumed: the student is rebuilt from state.pt there
+        with stop_after(2):
+            merge(cfg, teachers, tmp_path / "m", arch=arch, progress=False, echo=lambda s: None)
+        merge(cfg, teachers, tmp_path / "m", arch=arch, resume=True, progress=False, echo=lambda s: None)
+        for name in ("compressed.pt", "last.pt"):
+            assert load(tmp_path / "m" / name, arch=arch).slimkit_spec.input_shape == (3, 8, 8), name
+    finally:
+        sys.modules.pop("mergenets_tiny", None)

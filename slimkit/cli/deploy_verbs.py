@@ -14,6 +14,7 @@ from slimkit.cli.options import (
     source_args,
     split_rate,
     timing_args,
+    weights_args,
 )
 
 log = logging.getLogger("slimkit")
@@ -30,7 +31,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     report = extract(
         args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
         num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
-        input_shape=args.input_shape,
+        input_shape=args.input_shape, ema=args.ema, state_key=args.state_key,
     )
     emit(args, report.to_json(), report.table())
     return 0
@@ -42,7 +43,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(
         args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
         fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        force=args.force,
+        force=args.force, ema=args.ema, state_key=args.state_key,
     )
     emit(args, report.to_json(), report.summary())
     return 0
@@ -51,7 +52,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from slimkit.deploy.bench import bench_files
 
-    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
+    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args, "ema": args.ema,
+              "state_key": args.state_key}
     report = bench_files(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
                          input_shape=args.input_shape, torch_fp16=args.torch_fp16, channels_last=args.channels_last,
                          source=source, warmup=args.warmup, runs=args.runs, out=args.out, force=args.force)
@@ -71,7 +73,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
         provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
         force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        profile=args.profile,
+        profile=args.profile, ema=args.ema, state_key=args.state_key,
     )
     emit(args, rep.to_json(), rep.markdown())
     out = args.out or default_compare_dir(Path(args.ckpt))
@@ -151,6 +153,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--arch", help="architecture of plain state_dict checkpoints (see `slimkit models`)")
     b.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict checkpoints")
     b.add_argument("--model-args", type=model_args, help="other constructor arguments of plain state_dicts")
+    weights_args(b, "training checkpoints")
     timing_args(b)
     b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
     b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")

@@ -130,13 +130,24 @@ def input_shape(text: str) -> tuple:
 
 def source_args(p: argparse.ArgumentParser) -> None:
     """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
-    p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    p.add_argument("ckpt", help="slimkit checkpoint, or (with --arch) a state_dict, training checkpoint (timm, "
+                   "torchvision, Lightning) or safetensors file, or an official KE checkpoint")
     p.add_argument("--arch", help="model source of a plain state_dict: a built-in or torchvision name, timm/NAME, or "
                    "package.module:callable (see `slimkit models`); also allows a checkpoint built by that import path")
     p.add_argument("--num-classes", type=positive_int, help="classes of a plain state_dict (inferred when omitted)")
     p.add_argument("--model-args", type=model_args,
                    help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
                    "(see `slimkit models`)")
+    weights_args(p)
+
+
+def weights_args(p: argparse.ArgumentParser, whose: str = "the checkpoint") -> None:
+    """--ema and --state-key: which weights of a training checkpoint; every verb reading a network has them."""
+    p.add_argument("--ema", action="store_true",
+                   help=f"use the EMA weights of {whose} (timm state_dict_ema, torchvision model_ema, ...)")
+    p.add_argument("--state-key", metavar="KEY",
+                   help=f"the entry of {whose} holding the weights, when it has several (a dotted path for "
+                   "nested entries, e.g. callbacks.EMA.ema_state_dict)")
 
 
 def timing_args(p: argparse.ArgumentParser) -> None:

@@ -82,6 +82,20 @@ def _mapping_frozen():
         index_mapping.update_index_mapping = real
 
 
+@contextlib.contextmanager
+def _all_requiring_grad(model: nn.Module):
+    """Every parameter requires grad while tracing: autograd never records a frozen layer (a fine-tuned
+    network's frozen backbone), so torch-pruning would leave it out of the graph, and uncut."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 class ChannelGraph:
     """The traced coupling of ``model``; valid until the model's shapes change (``refresh`` after)."""
 
@@ -104,7 +118,7 @@ class ChannelGraph:
         was_training = model.training
         model.eval()  # tracing runs a forward: never let it move BN running statistics
         try:  # torch-pruning traces through autograd, so it must run even under a caller's no_grad
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), _all_requiring_grad(model):
                 x = torch.zeros(1, *self.input_shape, device=_device_of(model))  # traced where the model lives
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
         except Exception as exc:  # tracing failures come from the user's model or input shape
@@ -162,6 +176,14 @@ class ChannelGraph:
                 "slimkit cannot cut this network exactly"
             )
         return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+
+    def pruning_group(self, group: CoupledGroup):
+        """torch-pruning's own ``Group`` of every channel of ``group`` (what its importance estimators
+        read: each item's layer, pruning function, local and root indices), read without pruning."""
+        root = self.layers[group.root]
+        pruner = self.dg.get_pruner_of_module(root)
+        with _mapping_frozen():  # nothing changes shape while it is read
+            return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(group.size)))
 
     def prune_groups(self, drops: list[tuple[CoupledGroup, list[int]]]) -> None:
         """Physically remove root channels of several groups at once.

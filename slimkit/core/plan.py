@@ -22,7 +22,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped, prunable_layers
 
 __all__ = [
-    "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "plan_masks", "wels_masks",
+    "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "kels_segments", "plan_masks", "wels_masks",
     "plan_from_masks", "apply_masks", "grouped_keeps",
 ]
 
@@ -146,13 +146,26 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
 
 
 def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
-    """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels.
+    """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels
+    (see :func:`kels_segments`)."""
+    segments, block = kels_segments(graph, group)
+    kept = set()
+    for a, b in segments:
+        kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
+    return kept
 
-    With one producer spanning the group that is the paper's rule, the first ceil(sr*C). A group can
+
+def kels_segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[tuple[int, int]], int | None]:
+    """The root-space segments ``[a, b)`` of ``group`` that each keep ceil(sr*(b-a)) channels, and the
+    block width of its grouped convs (None: no grouped conv).
+
+    With one producer spanning the group there is one segment, the paper's rule ceil(sr*C). A group can
     tie a layer to only part of another's channels (a split or slice joined by an add or a
     concatenation: CSP, GhostNet, ReXNet, MixNet); then the root space is cut into segments at every
     member's boundaries, and a prefix of each segment is a prefix of every member's share, so all
     coupled layers agree. Grouped convs further split segments into blocks of their group width.
+    Any rule that keeps as many channels of every segment (KELS: a prefix; an importance criterion:
+    the top ones) gives every layer the KELS width.
     """
     cuts = {0, group.size}
     for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
@@ -171,10 +184,7 @@ def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: i
     if block is not None:
         cuts.update(range(0, group.size, block))
     bounds = sorted(c for c in cuts if 0 <= c <= group.size)
-    kept = set()
-    for a, b in zip(bounds, bounds[1:]):
-        kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
-    return kept
+    return list(zip(bounds, bounds[1:])), block
 
 
 def _block(graph: ChannelGraph, group: CoupledGroup) -> int | None:

@@ -36,7 +36,12 @@ def cut(graph: ChannelGraph, plan: KeepPlan) -> nn.Module:
         raise SlimkitError(f"plan names layer {untraced[0]}, which the forward pass never uses; it cannot be cut")
     grouped = grouped_keeps(graph, plan)  # refuses before anything is cut
     weights = {n: graph.layers[n].weight.detach().clone() for n in grouped}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     graph.prune_groups(verdicts)
+    params = dict(model.named_parameters())
+    for name in frozen:  # torch-pruning's new parameters require grad: a frozen layer stays frozen
+        if name in params:
+            params[name].requires_grad_(False)
     # torch-pruning cuts a grouped conv's input channels as if it were dense; cut its weight here:
     # (C_out, C_in/g, kh, kw) -> kept outputs x the kept positions every group keeps
     for name, (out_idx, in_pos) in grouped.items():

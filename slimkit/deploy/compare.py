@@ -124,12 +124,15 @@ def compare(
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
     profile: bool = False,
+    ema: bool = False,
+    state_key: str | None = None,
 ) -> CompareReport:
     """Dense vs fit hypothesis of ``ckpt`` (a checkpoint file, or an ``nn.Module`` slimkit created: then
     ``out`` is required); writes compare.md/.json/.png into ``out``.
 
     ``profile`` adds ONNX Runtime's CPU kernel time by node kind for both networks at every batch
     (:mod:`slimkit.deploy.profile`): where the slim network saves less than its MACs, and why.
+    ``ema``/``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`).
     """
     import torch
 
@@ -157,7 +160,8 @@ def compare(
     elif not out_dir.parent.is_dir():
         raise SlimkitError(f"cannot create {out_dir}: directory {out_dir.parent} does not exist")
 
-    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
+    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args,
+                                                 ema=ema, state_key=state_key)
     fh = fit_hypothesis(src, split_rate)
     spec = spec_of(src.model)
     shape = tuple(spec.input_shape)

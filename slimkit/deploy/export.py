@@ -258,9 +258,12 @@ def export_onnx(
     force: bool = False,
     seed: int = 0,
     verify_batch: int = 2,
+    ema: bool = False,
+    state_key: str | None = None,
 ) -> ExportReport:
     """Export the network in ``ckpt`` (a checkpoint file or an ``nn.Module``) to ONNX, verify it in ONNX
-    Runtime, then write it atomically. A module slimkit did not create needs ``input_shape``."""
+    Runtime, then write it atomically. A module slimkit did not create needs ``input_shape``. ``ema`` /
+    ``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`)."""
     t0 = time.perf_counter()
     fp16 = fp16 or fp16_io
     _check_opset(opset)
@@ -270,7 +273,7 @@ def export_onnx(
     if is_object:
         src = source(ckpt, input_shape=given)
     else:
-        src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
+        src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, ema=ema, state_key=state_key)
     model, spec = src.model, spec_of(src.model)
     shape = given or tuple(spec.input_shape)
     meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)

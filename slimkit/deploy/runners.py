@@ -285,7 +285,8 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch.
 
     ``fp16`` and ``channels_last`` apply to checkpoints (torch); an ONNX file's precision is its own.
-    ``source`` (arch, num_classes, model_args) says what a plain state_dict checkpoint is. An
+    ``source`` (arch, num_classes, model_args, ema, state_key) says what a plain state_dict or training
+    checkpoint is (any file :func:`slimkit.read` reads: zip or legacy torch.save, safetensors). An
     ``nn.Module`` runs in torch as it is (its input shape from ``input_shape`` or its ModelSpec).
     """
     if provider not in PROVIDERS:
@@ -301,12 +302,7 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     if not path.is_file():
         raise SlimkitError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
     threads = threads or os.cpu_count() or 1
-    with open(path, "rb") as f:
-        head = f.read(2)
-    is_zip = head == b"PK"  # torch.save files are zip archives; ONNX files are protobuf
-    if path.suffix == ".onnx" or not is_zip:
-        if path.suffix != ".onnx" and not is_zip:
-            raise SlimkitError(f"{path} is neither a .onnx file nor a PyTorch checkpoint")
+    if path.suffix == ".onnx":
         runner = onnx_runner(path, provider, threads, input_shape, batches)
     else:
         from slimkit.core.checkpoint import load

@@ -77,7 +77,8 @@ class MergeConfig:
         return dataclasses.asdict(self)
 
 
-def _read_teachers(teachers: list, arch: str | None, num_classes: int | None):
+def _read_teachers(teachers: list, arch: str | None, num_classes: int | None, ema: bool = False,
+                   state_key: str | None = None):
     """The two teachers: checkpoint paths, or networks slimkit created (``nn.Module`` objects)."""
     from slimkit.core.checkpoint import source
 
@@ -88,16 +89,18 @@ def _read_teachers(teachers: list, arch: str | None, num_classes: int | None):
     if a is b or (not any(objects) and Path(a).resolve() == Path(b).resolve()):
         raise SlimkitError(f"both teachers are {a if not objects[0] else 'the same network'}; merging needs two "
                            "independently trained networks")
-    return [source(t, arch=arch, num_classes=num_classes) for t in teachers]
+    return [source(t, arch=arch, num_classes=num_classes, ema=ema, state_key=state_key) for t in teachers]
 
 
 def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | Path, resume: bool = False,
           arch: str | None = None, num_classes: int | None = None, progress: bool = True,
-          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0) -> dict[str, Any]:
+          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
+          ema: bool = False, state_key: str | None = None) -> dict[str, Any]:
     """Run (or resume) a merge of two teachers (checkpoint paths or networks slimkit created); returns the
     summary record (accuracies and parameter counts).
 
     ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it.
+    ``ema``/``state_key`` pick the teachers' weights in training checkpoints (see :func:`slimkit.read`).
     Torch's global generators, thread count and cudnn flags are left as they were."""
     from slimkit.data.loading import check_workers
 
@@ -106,14 +109,15 @@ def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | P
         device = resolve_device(device)  # before the group: the chosen device picks its backend
         with process_group(device) as (rank, world):
             return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                          echo if rank == 0 else (lambda s: None), rank, world, device, workers)
+                          echo if rank == 0 else (lambda s: None), rank, world, device, workers, ema, state_key)
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
-           rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
+           rank: int, world: int, device: str, workers: int = 0, ema: bool = False,
+           state_key: str | None = None) -> dict[str, Any]:
     from slimkit.methods.merge.transform import GatedStudent, concat_teachers
 
-    loaded = _read_teachers(paths, arch, num_classes)
+    loaded = _read_teachers(paths, arch, num_classes, ema, state_key)
     ta, tb = (ld.model for ld in loaded)
     try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
         big = concat_teachers(ta, tb)
@@ -232,7 +236,7 @@ def _finetune_phase(cfg: MergeConfig, spec, train_ds, test, run: RunDir, st: dic
         if "student" not in cur:  # resumed in this phase: the student as state.pt holds it
             from slimkit.models import create_model
 
-            cur["student"] = create_model(spec.arch, **spec.args)
+            cur["student"] = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
             cur["student"].load_state_dict(st["model"])
         student = cur["student"]
         net = ddp(prepare_model(student, device), world)

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from slimkit.core.cost import example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup
 from slimkit.core.plan import KeepPlan
@@ -165,7 +166,7 @@ def concat_teachers(a: nn.Module, b: nn.Module, atol: float = 1e-5) -> nn.Module
         _concat_into(big, a, b, graph)
     big.slimkit_spec, big.slimkit_concat = sa, 2
     big.eval()
-    x = torch.randn(4, *sa.input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(a, sa.input_shape, 4, torch.Generator().manual_seed(0))  # where the teachers live
     with torch.no_grad():
         want = (a(x) + b(x)) / 2
         got = big(x)
@@ -320,7 +321,7 @@ def compress(gated: GatedStudent, teacher_like: nn.Module, keep_fraction: float 
     slim = apply_plan(net.eval(), plan, spec.input_shape)
     from slimkit.models import create_model
 
-    out = create_model(spec.arch, **spec.args)
+    out = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)  # the teachers' input, not the default
     own, got = out.state_dict(), slim.state_dict()
     bad = [k for k in own if k not in got or tuple(got[k].shape) != tuple(own[k].shape)]
     if bad:
