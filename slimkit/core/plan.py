@@ -147,7 +147,9 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
 
 def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
     """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels
-    (see :func:`kels_segments`)."""
+    (see :func:`kels_segments`), or of every cell where the coupling was read by channel labels."""
+    if getattr(graph, "labelled", None):
+        return _kept_cells(graph, group, sr, round_to)
     segments, block = kels_segments(graph, group)
     kept = set()
     for a, b in segments:
@@ -187,6 +189,36 @@ def kels_segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[tuple[
     return list(zip(bounds, bounds[1:])), block
 
 
+def _kept_cells(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
+    """Root channels KELS keeps when the coupling permutes channels (a shuffle, a split joined back).
+
+    Root channels are sorted into *cells* by the set of layers that produce them (and, for a grouped
+    conv, the group they fall in); every cell keeps its first ceil(sr*n) in root order. A layer whose
+    channels form one cell keeps the paper's ceil(sr*C); every coupled layer agrees, because the
+    choice is made once per channel class.
+    """
+    cells: dict[tuple, list[int]] = {}
+    sig: dict[int, list] = {}
+    for members, out in ((group.producers, True), (group.consumers, False)):
+        for mem in members:
+            m = graph.layers[mem.name]
+            grouped = is_grouped(m) and mem.name not in getattr(graph, "multipliers", ())
+            per = (m.out_channels if out else m.in_channels) // m.groups if grouped else None
+            if not out and per is None:
+                continue  # a dense consumer reads whatever is kept
+            for loc, r in zip(mem.local, mem.root):
+                sig.setdefault(r, []).append((mem.name, out, loc // per if per else 0))
+    marks = getattr(group, "marks", {})  # the pieces of splits a channel passes through
+    for r in range(group.size):
+        cells.setdefault((tuple(sorted(set(sig.get(r, [])))), marks.get(r, ())), []).append(r)
+    grouped = any(is_grouped(graph.layers[m.name]) and m.name not in getattr(graph, "multipliers", ())
+                  for m in group.producers + group.consumers)
+    kept = set()
+    for roots in cells.values():
+        kept.update(roots[: kels_count(len(roots), sr, 1 if grouped else round_to)])
+    return kept
+
+
 def _block(graph: ChannelGraph, group: CoupledGroup) -> int | None:
     """Channels per block of ``group`` when grouped convs produce or read it (None: no grouped conv).
 
@@ -224,8 +256,8 @@ def grouped_keeps(graph: ChannelGraph, plan: KeepPlan) -> dict[str, tuple[list[i
                 dropped_out.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in drop)
     out = {}
     for name, m in graph.layers.items():
-        if not is_grouped(m):
-            continue
+        if not is_grouped(m) or name in getattr(graph, "multipliers", ()):
+            continue  # a conv with one input per group loses whole groups, like a depthwise one
         g, per_in, per_out = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
         d_in, d_out = dropped_in.get(name, set()), dropped_out.get(name, set())
         pos = [sorted(i % per_in for i in range(j * per_in, (j + 1) * per_in) if i not in d_in) for j in range(g)]

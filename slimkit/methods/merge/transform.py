@@ -56,6 +56,10 @@ def mergeable_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None
             raise SlimkitError(f"layer {name}: {type(m).__name__} is not supported by merging; "
                                "supported: dense Conv2d, Linear, BatchNorm, activations, pooling")
     graph = ChannelGraph(model, input_shape)
+    for construct, layer in graph.labelled.items():  # shuffles, splits, fixed filters, layer scale
+        raise SlimkitError(
+            f"layer {layer}: {construct}, which merging cannot widen exactly (the student's channels must stay "
+            "[teacher A | teacher B] everywhere); supported: cifar_resnet, resnet18/34/50, vgg11_bn/16_bn, small_vgg, mlp")
     names = {m: n for n, m in model.named_modules()}
     for node in graph.dg.module2node.values():
         kind = getattr(getattr(node, "type", None), "name", "")
