@@ -16,6 +16,7 @@ from slimkit.core.checkpoint import source
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import atomic_write, check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.deploy.bench import bench, plot
 from slimkit.deploy.export import onnx_metadata, to_verified_onnx
 from slimkit.deploy.runners import check_trial, onnx_runner, torch_runner
@@ -107,6 +108,7 @@ def default_compare_dir(ckpt: Path) -> Path:
     return ckpt.with_suffix(".compare") if ckpt.suffix else ckpt.with_name(ckpt.name + ".compare")
 
 
+@keep_global_state()  # module constructors draw from the global generator; runners set threads
 def compare(
     ckpt: str | Path | Any,
     split_rate: float | None = None,

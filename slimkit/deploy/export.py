@@ -19,6 +19,7 @@ from torch import nn
 from slimkit.core.checkpoint import source
 from slimkit.core.errors import SlimkitError, one_line
 from slimkit.core.fileio import atomic_write, check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.core.surgery import plans_of
 from slimkit.models import spec_of
 
@@ -256,6 +257,7 @@ def onnx_metadata(model: nn.Module, input_shape: Sequence[int], split: Any, sour
     }
 
 
+@keep_global_state()  # rebuilding a network draws its throw-away init from the global generator
 def export_onnx(
     ckpt: str | Path | nn.Module,
     out: str | Path,

@@ -13,6 +13,7 @@ from slimkit.core.checkpoint import Loaded, save, source, state_dict_bytes
 from slimkit.core.cost import MacCounter, count_params, example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import (
     KeepPlan,
@@ -198,6 +199,7 @@ def verify_slim(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor)
     return max_abs, max_abs / max(float(y_ref.abs().max()), 1e-12), dtype
 
 
+@keep_global_state()  # rebuilding a network draws its throw-away init from the global generator
 def extract(
     ckpt: str | Path | torch.nn.Module,
     split_rate: float | None = None,
