@@ -72,11 +72,14 @@ def test_every_writing_verb_takes_o_out_and_the_old_output_still_works(capsys):
     for verb in WRITING:
         a = _flag(verbs[verb], "-o")
         assert a is not None and a.option_strings == ["-o", "--out"] and a.dest == "out", verb
-        old = _flag(verbs[verb], "--output")
-        assert old is not None and old.dest == "out" and old.help == argparse.SUPPRESS, verb
         first = {"extract": ["c"], "export": ["c"], "compare": ["c"], "bench": ["c"]}.get(verb, [])
         assert verbs[verb].parse_args([*first, "-o", "X"]).out == "X"
         assert capsys.readouterr().err == ""
+        old = _flag(verbs[verb], "--output")
+        if verb not in ("extract", "export"):  # only these two ever spelled it --output
+            assert old is None, verb
+            continue
+        assert old.dest == "out" and old.help == argparse.SUPPRESS, verb
         assert verbs[verb].parse_args([*first, "--output", "Y"]).out == "Y"
         assert capsys.readouterr().err == f"slimkit {verb}: warning: --output is deprecated; use -o/--out\n"
     for verb, p in verbs.items():  # no verb writes through another spelling
@@ -231,3 +234,37 @@ def test_a_run_recorded_before_subset_seed_resumes_with_its_old_subset(tmp_path)
     with pytest.raises(SlimkitError, match="subset_seed=3"):
         RunDir(out, "den", {"seed": 3, "train_per_class": 5, "subset_seed": 0}, True,
                before={"subset_seed": 3}).check()
+
+
+@pytest.mark.parametrize("verb, expected", [("den", 3), ("evolve", 3), ("train", 0)])
+def test_resuming_an_old_run_from_the_command_line_takes_its_seed_as_subset_seed(tmp_path, verb, expected):
+    """evolve/den flags recorded before --subset-seed: their subset came from --seed, and a resume keeps it
+    (train always had --subset-seed: a record without it means the default)."""
+    from slimkit.cli import train_verbs
+
+    (tmp_path / "config.json").write_text(json.dumps({"cli": {"seed": 3, "train_per_class": 5}}))
+    p = _verbs()[verb]
+    argv = ["--resume", str(tmp_path)]
+    args = p.parse_args(argv)
+    args.verb = verb
+    train_verbs.resume_flags(p, args, argv)
+    assert (args.seed, args.subset_seed, args.train_per_class) == (3, expected, 5)
+
+
+def test_merge_builds_plain_state_dict_teachers_with_model_args(tmp_path):
+    """--model-args and --input-shape reach merge's teachers as they reach extract's network."""
+    import torch
+
+    from slimkit.core.errors import SlimkitError
+    from slimkit.methods.merge.merging import _read_teachers
+
+    paths = []
+    for i in (1, 2):
+        torch.manual_seed(i)
+        torch.save(create_model("cifar_resnet", depth=8, width=4, num_classes=3).state_dict(), tmp_path / f"{i}.pt")
+        paths.append(tmp_path / f"{i}.pt")
+    with pytest.raises(SlimkitError, match="model-args"):  # the default width (16) does not fit the file
+        _read_teachers(paths, "cifar_resnet", 3)
+    loaded = _read_teachers(paths, "cifar_resnet", 3, model_args={"depth": 8, "width": 4}, input_shape=(3, 24, 24))
+    for ld in loaded:
+        assert ld.model.slimkit_spec.args["width"] == 4 and tuple(ld.model.slimkit_spec.input_shape) == (3, 24, 24)

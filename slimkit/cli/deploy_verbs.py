@@ -140,7 +140,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--split-rate", type=split_rate, help="fraction of channels in the fit hypothesis, in (0, 1); "
                    "optional for KE checkpoints whose masks define the split")
     e.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="only kels has a slim network")
-    out_arg(e, "where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
+    out_arg(e, "where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)", old_output=True)
     finish_verb(e, _cmd_extract, force="overwrite an existing output")
 
     x = sub.add_parser(
@@ -150,7 +150,7 @@ def add_parsers(sub) -> None:
         "that differs from PyTorch by more than 1e-4 relative is refused.",
     )
     source_args(x)
-    out_arg(x, "the .onnx file to write (required)")
+    out_arg(x, "the .onnx file to write (required)", old_output=True)
     x.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
     x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")

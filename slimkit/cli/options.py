@@ -178,10 +178,12 @@ def network_args(p: argparse.ArgumentParser, arch_default: str | None = None, sh
         p.add_argument("--input-shape", type=input_shape, action=ShapeAction, metavar="C,H,W", help=INPUT_SHAPE_HELP)
 
 
-def out_arg(p: argparse.ArgumentParser, help: str) -> None:
-    """-o/--out: where every verb that writes puts its output; the old --output still works for one release."""
+def out_arg(p: argparse.ArgumentParser, help: str, old_output: bool = False) -> None:
+    """-o/--out: where every verb that writes puts its output; ``old_output``: the verb's former --output
+    still works for one release (extract, export)."""
     p.add_argument("-o", "--out", help=help)
-    p.add_argument("--output", dest="out", action=DeprecatedAlias, use="-o/--out")
+    if old_output:
+        p.add_argument("--output", dest="out", action=DeprecatedAlias, use="-o/--out")
 
 
 def source_args(p: argparse.ArgumentParser, shape: bool = True) -> None:
