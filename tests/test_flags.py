@@ -268,3 +268,15 @@ def test_merge_builds_plain_state_dict_teachers_with_model_args(tmp_path):
     loaded = _read_teachers(paths, "cifar_resnet", 3, model_args={"depth": 8, "width": 4}, input_shape=(3, 24, 24))
     for ld in loaded:
         assert ld.model.slimkit_spec.args["width"] == 4 and tuple(ld.model.slimkit_spec.input_shape) == (3, 24, 24)
+
+
+def test_the_library_reads_input_shape_as_c_h_w_and_warns_on_the_old_batch_form():
+    from slimkit.core.errors import SlimkitError
+    from slimkit.deploy.export import parse_input_shape
+
+    assert parse_input_shape("3,8,8") == parse_input_shape((3, 8, 8)) == parse_input_shape("3x8x8") == (3, 8, 8)
+    with pytest.warns(FutureWarning, match="N,C,H,W"):
+        assert parse_input_shape("2,3,8,8") == (3, 8, 8)
+    for bad in ("3,8", "3,0,8", "a,8,8"):
+        with pytest.raises(SlimkitError, match="C,H,W"):
+            parse_input_shape(bad)
