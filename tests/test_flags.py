@@ -176,17 +176,19 @@ def test_compare_runs_a_network_at_the_given_input_shape(cli, net, tmp_path):
     assert rep["dense"]["macs"] == count_macs(load(net), (3, 24, 24)) < count_macs(load(net), (3, 32, 32))
 
 
-def test_train_builds_model_args_and_resume_reads_them(cli, tmp_path):
-    tiny = ["--epochs", "1", "--warmup-epochs", "0", "--train-per-class", "2", "--image-size", "8", "--quiet"]
+@pytest.mark.parametrize("verb, ckpt", [("train", "last.pt"), ("evolve", "gen1/last.pt")])
+def test_training_verbs_build_model_args_and_resume_reads_them(cli, tmp_path, verb, ckpt):
+    tiny = ["--epochs", "1", "--warmup-epochs", "0", "--train-per-class", "2", "--image-size", "8", "--quiet",
+            *(["--generations", "1"] if verb == "evolve" else [])]
     out = tmp_path / "t"
-    r = cli("train", "--arch", "cifar_resnet", "--model-args", "depth=8,width=4", *tiny, "-o", out)
+    r = cli(verb, "--arch", "cifar_resnet", "--model-args", "depth=8,width=4", *tiny, "-o", out)
     assert r.code == 0, r.err
-    assert load(out / "last.pt").slimkit_spec.args["width"] == 4
+    assert load(out / ckpt).slimkit_spec.args["width"] == 4
     assert json.loads((out / "config.json").read_text())["model_args"] == {"depth": 8, "width": 4}
-    r = cli("train", "--resume", out, "--model-args", "depth=8,width=8")
+    r = cli(verb, "--resume", out, "--model-args", "depth=8,width=8")
     assert r.code == 2 and "--model-args" in r.err and r.err.count("\n") == 1
-    assert cli("train", "--resume", out, "--quiet").code == 0  # the recorded model_args, not the default
-    r = cli("train", "--model-args", "num_classes=3", *tiny, "-o", tmp_path / "u")
+    assert cli(verb, "--resume", out, "--quiet").code == 0  # the recorded model_args, not the default
+    r = cli(verb, "--model-args", "num_classes=3", *tiny, "-o", tmp_path / "u")
     assert r.code == 2 and "--num-classes" in r.err and not (tmp_path / "u").exists()
 
 
