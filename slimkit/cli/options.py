@@ -159,7 +159,8 @@ class DeprecatedAlias(argparse.Action):
 
 
 ARCH_HELP = ("the network: a built-in or torchvision name, timm/NAME, or package.module:callable (see `slimkit "
-             "models`); a checkpoint needs it only when it is a plain state_dict (a slimkit checkpoint names its own)")
+             "models`); a checkpoint needs it only when it is a plain state_dict (a slimkit checkpoint names its own, "
+             "and naming the import path it was built by allows that import)")
 NUM_CLASSES_HELP = "classes of the network (default: a checkpoint's classifier, or the classes of the training data)"
 MODEL_ARGS_HELP = ("other constructor arguments of the network, e.g. depth=56,width=32 or a JSON object (see "
                    "`slimkit models`); a slimkit checkpoint records its own")

@@ -34,8 +34,8 @@ from slimkit.core.errors import SlimkitError
 from slimkit.engine.testhooks import active as _test_hook
 from slimkit.models import model_params
 
-__all__ = ["input_kwargs", "check_model_args", "SMALL_NET_SIZE", "Step", "Hooks", "run_epoch", "run_epochs", "Phase", "run_phases",
-           "log_epoch"]
+__all__ = ["input_kwargs", "check_model_args", "SMALL_NET_SIZE", "Step", "Hooks", "run_epoch", "run_epochs", "Phase",
+           "run_phases", "log_epoch"]
 
 
 SMALL_NET_SIZE = 16  # the built-in small nets' input side when --image-size is not given
