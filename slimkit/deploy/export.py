@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from slimkit.core.checkpoint import source
 from slimkit.core.errors import SlimkitError, one_line
 from slimkit.core.fileio import atomic_write, check_output
 from slimkit.core.globalstate import keep_global_state
 from slimkit.core.surgery import plans_of
 from slimkit.models import spec_of
+from slimkit.models.checkpoint import source
 
 __all__ = ["ExportReport", "VerifiedOnnx", "export_onnx", "to_verified_onnx", "onnx_metadata", "parse_input_shape",
            "verification_providers", "reference_output", "DEFAULT_OPSET", "FP32_RTOL", "FP16_RTOL"]
