@@ -33,7 +33,7 @@ _EXPORTS = {
     "count_macs": "slimkit.core.cost",
     # one function per verb; each takes paths or network objects where the verb reads a network
     "extract": "slimkit.methods.ke.extract",
-    "export": "slimkit.deploy.export:export_onnx",
+    "export": "slimkit.deploy.exporting:export_onnx",
     "bench": "slimkit.deploy.bench:bench_files",
     "compare": "slimkit.deploy.compare",
     "train": "slimkit.engine.train",

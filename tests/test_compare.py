@@ -50,7 +50,7 @@ def test_compare_notes_unaligned_widths(tmp_path):
     assert unaligned_widths(fh.dense, fh.slim) == ([13, 26, 52], 9)  # 7 convs + 2 shortcut convs
     assert unaligned_widths(fh.dense, fh.slim, block=1) == ([], 0)
     rep = compare(ck, 0.8, batches=[1], warmup=1, runs=1, out=tmp_path / "c")
-    assert len(rep.notes) == 1 and "(13, 26, 52)" in rep.notes[0] and "--round-to 16" in rep.notes[0]
+    assert len(rep.notes) == 1 and "(13, 26, 52)" in rep.notes[0] and "--align auto" in rep.notes[0]
     assert "Note: 9 slim conv layer(s)" in (tmp_path / "c" / "compare.md").read_text()
 
 

@@ -159,6 +159,21 @@ def timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per model and batch")
 
 
+def int8_args(p: argparse.ArgumentParser, table: bool = False) -> None:
+    """INT8 calibration and accuracy budget: shared by export --int8 and compare --precision ...,int8."""
+    if not table:
+        p.add_argument("--int8", action="store_true",
+                       help="quantize the fp32 graph to INT8 (ONNX Runtime static QDQ, per-channel weights, settings "
+                       "chosen for this CPU); needs --calib")
+    p.add_argument("--calib", help="calibration images: 'digits', a dataset directory (its train/ split, else test/ "
+                   "or val/) or a .npy array (N,C,H,W) of preprocessed inputs")
+    p.add_argument("--calib-size", type=int_at_least(16, "at least 16 (fewer images give activation ranges that "
+                   "clip held-out images)"), help="calibration images, a seeded selection (default 256)")
+    p.add_argument("--max-drop", type=nonneg_float, default=1.0,
+                   help="accuracy points INT8 may lose against fp32 on --data" if not table else
+                   "accuracy budget: an artefact qualifies when its accuracy is at least dense fp32's minus this many points")
+
+
 def optim_args(p: argparse.ArgumentParser) -> None:
     """Optimiser and loss flags shared by the training verbs."""
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per training step")

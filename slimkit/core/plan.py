@@ -23,7 +23,7 @@ from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped, prunable_
 
 __all__ = [
     "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "kels_segments", "plan_masks", "wels_masks",
-    "plan_from_masks", "apply_masks", "grouped_keeps",
+    "plan_from_masks", "apply_masks", "grouped_keeps", "segments",
 ]
 
 
@@ -187,6 +187,12 @@ def kels_segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[tuple[
         cuts.update(range(0, group.size, block))
     bounds = sorted(c for c in cuts if 0 <= c <= group.size)
     return list(zip(bounds, bounds[1:])), block
+
+
+def segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[int], int | None]:
+    """:func:`kels_segments` as sorted bounds ``[0, b1, ..., size]`` (what deploy/align.py reads)."""
+    pairs, block = kels_segments(graph, group)
+    return [0] + [b for _, b in pairs], block  # segments start at 0 and tile the root space
 
 
 def _kept_cells(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:

@@ -1,4 +1,6 @@
-"""`slimkit export`: ONNX export, verified against PyTorch in ONNX Runtime before it lands.
+"""ONNX export verified against PyTorch in ONNX Runtime before it lands: :func:`to_verified_onnx` (in memory)
+and the file's metadata. The `export` verb that reads, aligns, quantizes and writes is exporting.py; align.py,
+bench.py, compare.py and table.py build on this module, which imports none of them.
 
 onnx and onnxruntime are imported inside the functions that use them: `import slimkit` stays light.
 """
@@ -8,22 +10,17 @@ import copy
 import dataclasses
 import io
 import json
-import time
 import warnings
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError, one_line
-from slimkit.core.fileio import atomic_write, check_output
-from slimkit.core.globalstate import keep_global_state
 from slimkit.core.surgery import plans_of
 from slimkit.models import spec_of
-from slimkit.models.checkpoint import source
 
-__all__ = ["ExportReport", "VerifiedOnnx", "export_onnx", "to_verified_onnx", "onnx_metadata", "parse_input_shape",
+__all__ = ["VerifiedOnnx", "to_verified_onnx", "onnx_metadata", "parse_input_shape", "check_opset",
            "verification_providers", "reference_output", "DEFAULT_OPSET", "FP32_RTOL", "FP16_RTOL"]
 
 DEFAULT_OPSET = 17
@@ -33,38 +30,7 @@ FP32_RTOL = 1e-4  # ONNX vs torch, relative to max |logit|: above it the export 
 FP16_RTOL = 1e-2
 
 
-@dataclasses.dataclass
-class ExportReport:
-    source: str
-    output: str
-    arch: str
-    input_shape: list[int]  # (C, H, W); the batch axis is dynamic
-    opset: int
-    precision: str  # "fp32" | "fp16" (weights and compute; IO precision in io_dtype)
-    io_dtype: str
-    max_abs_diff: float
-    max_rel_diff: float
-    tolerance: float  # enforced bound on max_rel_diff: FP32_RTOL or FP16_RTOL
-    verify_batch: int
-    bytes: int
-    seconds: float
-    verified_on: str = "CPUExecutionProvider"  # the ONNX Runtime provider that ran the check
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def summary(self) -> str:
-        shape = "x".join(map(str, self.input_shape))
-        return "\n".join([
-            f"{self.arch} -> {self.output} ({self.bytes / 2**20:.2f} MB, opset {self.opset}, {self.precision}, "
-            f"{self.io_dtype} input/output 'input' (batch,{shape}) -> 'logits', dynamic batch)",
-            f"verified in ONNX Runtime ({self.verified_on.replace('ExecutionProvider', '')}): max |onnx - torch fp32| = "
-            f"{self.max_abs_diff:.2e} (relative {self.max_rel_diff:.1e} <= {self.tolerance:g}) at batch {self.verify_batch}",
-            f"wrote {self.output} in {self.seconds:.1f} s",
-        ])
-
-
-def _check_opset(opset: int) -> None:
+def check_opset(opset: int) -> None:
     if not 7 <= int(opset) <= 23:
         raise SlimkitError(f"opset must be between 7 and 23, got {opset}")
 
@@ -153,24 +119,27 @@ def to_verified_onnx(
     meta: dict[str, str] | None = None,
     seed: int = 0,
     verify_batch: int = 2,
+    reference: nn.Module | None = None,
 ) -> VerifiedOnnx:
     """Serialise ``model`` to ONNX in memory and check it in ONNX Runtime against PyTorch fp32.
 
     fp32 exports must match to FP32_RTOL (relative to max |logit|), fp16 exports (weights and
     compute in half; IO float32 unless ``fp16_io``) to FP16_RTOL, and any inf or NaN in the ONNX
-    output is refused. The model is run and traced on its own device.
+    output is refused. The model is run and traced on its own device. ``reference`` is the network
+    the file must equal when it is not ``model`` itself (an aligned export is checked against the
+    unpadded slim network).
     """
     import onnx
 
     fp16 = fp16 or fp16_io
-    _check_opset(opset)
+    check_opset(opset)
     model = model.eval()
     arch = getattr(getattr(model, "slimkit_spec", None), "arch", type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(verify_batch, *input_shape, generator=gen)  # drawn on the CPU: the same input on every device
     device = _device_of(model)
     try:
-        ref = reference_output(model, x)
+        ref = reference_output(model if reference is None else reference.eval(), x)
     except Exception as exc:
         raise SlimkitError(f"input shape {list(input_shape)} does not fit {arch} (run on {device}): "
                            f"{one_line(exc, 160)}") from None
@@ -242,49 +211,3 @@ def onnx_metadata(model: nn.Module, input_shape: Sequence[int], split: Any, sour
         "slimkit.precision": "fp16" if fp16 else "fp32",
         "slimkit.version": __version__,
     }
-
-
-@keep_global_state()  # rebuilding a network draws its throw-away init from the global generator
-def export_onnx(
-    ckpt: str | Path | nn.Module,
-    out: str | Path,
-    input_shape: str | Sequence[int] | None = None,
-    opset: int = DEFAULT_OPSET,
-    fp16: bool = False,
-    fp16_io: bool = False,
-    arch: str | None = None,
-    num_classes: int | None = None,
-    model_args: dict[str, Any] | None = None,
-    force: bool = False,
-    seed: int = 0,
-    verify_batch: int = 2,
-    ema: bool = False,
-    state_key: str | None = None,
-) -> ExportReport:
-    """Export the network in ``ckpt`` (a checkpoint file or an ``nn.Module``) to ONNX, verify it in ONNX
-    Runtime, then write it atomically. A module slimkit did not create needs ``input_shape``. ``ema`` /
-    ``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`)."""
-    t0 = time.perf_counter()
-    fp16 = fp16 or fp16_io
-    _check_opset(opset)
-    is_object = isinstance(ckpt, nn.Module)
-    out = check_output(out, force, inputs=() if is_object else (ckpt,))
-    given = parse_input_shape(input_shape) if input_shape is not None else None
-    if is_object:
-        src = source(ckpt, input_shape=given)
-    else:
-        src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, ema=ema, state_key=state_key)
-    model, spec = src.model, spec_of(src.model)
-    shape = given or tuple(spec.input_shape)
-    meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)
-    preprocess = (src.meta.get("data") or {}).get("preprocess")
-    if preprocess is not None:  # what the input must look like: resize policy and (x/255 - mean)/std
-        meta["slimkit.preprocess"] = json.dumps(preprocess)
-    v = to_verified_onnx(model, shape, opset, fp16, fp16_io, meta, seed, verify_batch)
-    atomic_write(out, lambda tmp: tmp.write_bytes(v.data), force=force)
-    return ExportReport(
-        source=f"<{type(ckpt).__name__} object>" if is_object else str(ckpt), output=str(out), arch=spec.arch, input_shape=list(shape), opset=int(opset),
-        precision="fp16" if fp16 else "fp32", io_dtype="float16" if fp16_io else "float32",
-        max_abs_diff=v.max_abs_diff, max_rel_diff=v.max_rel_diff, tolerance=v.tolerance, verify_batch=verify_batch,
-        bytes=len(v.data), seconds=time.perf_counter() - t0, verified_on=v.verified_on,
-    )

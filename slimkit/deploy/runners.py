@@ -164,15 +164,22 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
         raise SlimkitError(f"{path} is an ONNX file; --provider torch runs checkpoints (give a .pt file) "
                            "or choose cpu, cuda or tensorrt")
     wanted = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if wanted[0] not in available:
-        raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
-                           f"{', '.join(available)}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise SlimkitError(f"{path} is not a loadable ONNX model: {one_line(exc, 160)}") from None
     props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("slimkit.precision") == "int8":  # slimkit's INT8 files are made and checked for ORT's CPU provider
+        from slimkit.deploy.quantize import check_int8_provider
+
+        try:
+            check_int8_provider(provider)
+        except SlimkitError as exc:
+            raise SlimkitError(f"{path.name}: {exc}") from None
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
+                           f"{', '.join(available)}")
     inp = proto.graph.input[0]
     elem = inp.type.tensor_type.elem_type
     dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
