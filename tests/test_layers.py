@@ -79,6 +79,8 @@ def import_edges(root: Path) -> list[tuple[str, int, str]]:
                         aliases.add(a.asname or FACADE)
                     elif a.name.startswith(FACADE + "."):
                         edges.append((module, node.lineno, named(a.name)))
+                        if a.asname is None:  # `import slimkit.x.y` binds `slimkit` too
+                            aliases.add(FACADE)
             elif isinstance(node, ast.ImportFrom):
                 base = _absolute(module, is_package, node)
                 if base == FACADE:
@@ -199,7 +201,7 @@ PLANTED = {
     "slimkit/__init__.py": '_EXPORTS = {"load": "slimkit.models.ckpt", "run": "slimkit.methods.verb:go"}\n',
     "slimkit/core/__init__.py": "",
     "slimkit/core/a.py": "def f():\n    from slimkit.methods.verb import go\n",  # function-level, upward
-    "slimkit/core/b.py": "import slimkit\n\nV = slimkit.__version__\nR = slimkit.run\n",  # facade: fine, then upward
+    "slimkit/core/b.py": "import slimkit.core.a\n\nV = slimkit.__version__\nR = slimkit.run\n",  # facade: fine, then upward
     "slimkit/models/__init__.py": "",
     "slimkit/models/ckpt.py": "from slimkit.core import a\n",
     "slimkit/data/__init__.py": "",
