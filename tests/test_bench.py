@@ -83,7 +83,7 @@ def test_onnx_and_checkpoint_side_by_side(cli, files, tmp_path):
         (["a.onnx", "--provider", "torch"], "--provider torch runs checkpoints"),
         (["a.pt", "--provider", "tensorrt"], "TensorRT runs ONNX files"),
         (["junk.onnx"], "not a loadable ONNX model"),
-        (["junk.bin"], "neither a .onnx file nor a PyTorch checkpoint"),
+        (["junk.bin"], "is not a PyTorch checkpoint (corrupt or truncated?)"),
         (["missing.onnx"], "no such file"),
         (["a.onnx", "--batch", "0"], "positive"),
         (["a.onnx", "--batch", "x"], "comma-separated"),

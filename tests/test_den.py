@@ -9,6 +9,7 @@ from torch.utils.data import TensorDataset
 
 from slimkit import create_model, load
 from slimkit.core.errors import SlimkitError
+from slimkit.engine.testhooks import stop_after
 from slimkit.methods.den import steps as D
 from slimkit.methods.den.sequence import DENConfig, run_den
 from slimkit.methods.den.tasks import auroc, make_tasks
@@ -199,9 +200,11 @@ def test_den_resume_equals_uninterrupted(tmp_path):
                     baselines=("dnn", "stl"))
     quiet = lambda m: None  # noqa: E731
     full = run_den(cfg, tmp_path / "full", progress=False, echo=quiet)
-    assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, _stop_after=2) is None
+    with stop_after(2):
+        assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet) is None
     assert (tmp_path / "cut" / "task2.pt").exists() and not (tmp_path / "cut" / "task3.pt").exists()
-    assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, resume=True, _stop_after=2) is None  # task 3, dnn
+    with stop_after(2):
+        assert run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, resume=True) is None  # task 3, dnn
     cut = run_den(cfg, tmp_path / "cut", progress=False, echo=quiet, resume=True)
     strip = lambda recs: [{k: v for k, v in r.items() if k != "seconds"} for r in recs]  # noqa: E731
     assert strip(cut["den_tasks"]) == strip(full["den_tasks"])
@@ -249,7 +252,8 @@ def test_den_resume_refusals(cli, tmp_path):
     r = cli("den", "--resume", tmp_path / "nothing")
     assert r.code == 2 and "holds no den run" in r.err
     cfg = DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, baselines=())
-    run_den(cfg, tmp_path / "r", progress=False, echo=lambda m: None, _stop_after=1)
+    with stop_after(1):
+        run_den(cfg, tmp_path / "r", progress=False, echo=lambda m: None)
     before = (tmp_path / "r" / "state.pt").read_bytes()
     r = cli("den", "--resume", tmp_path / "r", "--tasks", "split:2", "--arch", "mlp:8,4", "--epochs", "2",
             "--baselines", "none")

@@ -10,6 +10,7 @@ from slimkit import create_model, load
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import apply_masks, kels_plan, plan_masks
 from slimkit.engine.loop import TrainConfig
+from slimkit.engine.testhooks import stop_after
 from slimkit.methods.ke.evolve import EvolveConfig, evolve, reinit_reset
 
 
@@ -40,7 +41,8 @@ def test_reinit_keeps_fit_redraws_reset_and_carries_bn_and_biases():
 
 def test_resume_equals_uninterrupted(tmp_path):
     full = evolve(_cfg(), tmp_path / "full", progress=False, echo=lambda s: None)
-    evolve(_cfg(), tmp_path / "cut", progress=False, echo=lambda s: None, _stop_after_epochs=3)  # "crash" mid gen 2
+    with stop_after(3):
+        evolve(_cfg(), tmp_path / "cut", progress=False, echo=lambda s: None)  # "crash" mid gen 2
     assert not (tmp_path / "cut" / "gen2").exists()
     resumed = evolve(_cfg(), tmp_path / "cut", resume=True, progress=False, echo=lambda s: None)
     a = torch.load(tmp_path / "full" / "gen2" / "last.pt", weights_only=True)["state_dict"]
@@ -121,7 +123,8 @@ def test_evolve_refusals(cli, tmp_path, argv, expected):
 
 
 def test_resume_with_other_settings_is_refused_and_run_untouched(cli, tmp_path):
-    evolve(_cfg(), tmp_path / "r", progress=False, echo=lambda s: None, _stop_after_epochs=1)
+    with stop_after(1):
+        evolve(_cfg(), tmp_path / "r", progress=False, echo=lambda s: None)
     before = (tmp_path / "r" / "state.pt").read_bytes()
     r = cli("evolve", "--resume", tmp_path / "r", "--image-size", "8", "--train-per-class", "4", "--epochs", "3")
     assert r.code == 2 and "it was run with" in r.err
@@ -169,11 +172,13 @@ _DDP_SCRIPT = """
 import sys
 from slimkit.methods.ke.evolve import EvolveConfig, evolve
 from slimkit.engine.loop import TrainConfig
+from slimkit.engine.testhooks import stop_after
 
 cfg = EvolveConfig(arch="cifar_resnet", generations=2, image_size=8, train_per_class=8,
                    train=TrainConfig(epochs=2, batch_size=16, warmup_epochs=1))
 stop = int(sys.argv[3])
-evolve(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False, _stop_after_epochs=stop or None)
+with stop_after(stop or None):
+    evolve(cfg, sys.argv[1], resume=sys.argv[2] == "resume", progress=False)
 """
 
 
@@ -281,7 +286,8 @@ def test_cuda_layout_and_autocast_rehearsed_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "prepare_model", prepare)
     quiet = lambda s: None  # noqa: E731
     full = evolve(_cfg(), tmp_path / "full", progress=False, echo=quiet)
-    evolve(_cfg(), tmp_path / "cut", progress=False, echo=quiet, _stop_after_epochs=3)
+    with stop_after(3):
+        evolve(_cfg(), tmp_path / "cut", progress=False, echo=quiet)
     evolve(_cfg(), tmp_path / "cut", resume=True, progress=False, echo=quiet)
     a = torch.load(tmp_path / "full" / "gen2" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "gen2" / "last.pt", weights_only=True)["state_dict"]

@@ -178,3 +178,41 @@ def test_den_steps_on_the_gpu(fake):
     D.add_head(net, 2, gen)
     D.grow(net, 1, task=3, generator=gen)
     assert net(x, 3).shape == (3, 2) and D.drift(net, snap)[0].device == CUDA
+
+
+def test_macs_are_counted_on_the_models_device(fake):
+    # count_macs built its input on the CPU: a caller's CUDA model failed with a device mismatch
+    from slimkit.core.cost import count_macs
+
+    model = on_cuda("cifar_resnet", **SHAPE)
+    # cifar_resnet depth 20, width 16 at 1x16x16, counted by hand from its layer shapes: the stem
+    # (16 3x3 filters of 1 channel), 3 stages of 6 3x3 convs (16/32/64 wide at 16/8/4 px), the two
+    # 1x1 shortcut convs and the classifier (64 -> 10)
+    stem = 16 * 16 * 16 * 9 * 1
+    stages = 6 * (16 * 16 * 16 * 9 * 16) + (8 * 8 * 32 * 9 * 16 + 5 * 8 * 8 * 32 * 9 * 32) + \
+        (4 * 4 * 64 * 9 * 32 + 5 * 4 * 4 * 64 * 9 * 64)
+    shortcuts = 8 * 8 * 32 * 16 + 4 * 4 * 64 * 32
+    assert count_macs(model, (1, 16, 16)) == stem + stages + shortcuts + 64 * 10
+
+
+def test_extracts_verifying_input_is_on_the_models_device(fake):
+    # extract's verifying forward (and merge's check of the big student) draws its input from a CPU
+    # generator; it must then run on the caller's device (the run itself reads values back, which a
+    # fake tensor cannot, so the input and one forward with it are rehearsed)
+    from slimkit.core.cost import MacCounter, example_input
+
+    model = on_cuda("cifar_resnet", **SHAPE)
+    x = example_input(model, (1, 16, 16), 2, torch.Generator().manual_seed(0))
+    assert x.device == CUDA and x.shape == (2, 1, 16, 16)
+    with MacCounter(model) as mc:
+        assert model(x).device == CUDA
+    assert mc.samples == 2
+
+
+def test_a_frozen_network_on_the_gpu_is_traced_whole(fake):
+    model = on_cuda("cifar_resnet", **SHAPE)
+    for p in list(model.parameters())[:6]:  # the stem and the first block frozen
+        p.requires_grad_(False)
+    graph = ChannelGraph(model, model.slimkit_spec.input_shape)
+    assert set(kels_plan(graph, 0.5).keep) >= {"conv1", "layer1.0.conv1"}
+    assert [p.requires_grad for p in model.parameters()][:7] == [False] * 6 + [True]

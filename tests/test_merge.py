@@ -11,6 +11,7 @@ from conftest import randomize_bn, rel_err
 from slimkit import create_model, load, save
 from slimkit.core.errors import SlimkitError
 from slimkit.engine.loop import TrainConfig
+from slimkit.engine.testhooks import stop_after
 from slimkit.engine.train import TrainRunConfig, train
 from slimkit.methods.merge.merging import MergeConfig, merge
 from slimkit.methods.merge.transform import (
@@ -242,7 +243,8 @@ def test_merge_writes_a_complete_run(teachers, tmp_path):
 @pytest.mark.parametrize("stop", [1, 3], ids=["in-gate-phase", "in-finetune-phase"])
 def test_merge_resume_equals_uninterrupted(teachers, tmp_path, stop):
     merge(_merge_cfg(), list(teachers), tmp_path / "full", progress=False, echo=lambda s: None)
-    merge(_merge_cfg(), list(teachers), tmp_path / "cut", progress=False, echo=lambda s: None, _stop_after_epochs=stop)
+    with stop_after(stop):
+        merge(_merge_cfg(), list(teachers), tmp_path / "cut", progress=False, echo=lambda s: None)
     assert not (tmp_path / "cut" / "last.pt").exists()
     merge(_merge_cfg(), list(teachers), tmp_path / "cut", resume=True, progress=False, echo=lambda s: None)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
@@ -258,7 +260,8 @@ def test_train_refuses_missing_data_without_writing(cli, tmp_path):
 
 def test_train_resume_equals_uninterrupted(tmp_path):
     train(_train_cfg(3), tmp_path / "full", progress=False, echo=lambda s: None)
-    train(_train_cfg(3), tmp_path / "cut", progress=False, echo=lambda s: None, _stop_after_epochs=1)
+    with stop_after(1):
+        train(_train_cfg(3), tmp_path / "cut", progress=False, echo=lambda s: None)
     train(_train_cfg(3), tmp_path / "cut", resume=True, progress=False, echo=lambda s: None)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
@@ -357,10 +360,47 @@ def test_cuda_layout_and_autocast_rehearsed_on_cpu(teachers, tmp_path, monkeypat
     monkeypatch.setattr(M, "prepare_model", lambda m, device: m.to(device).to(memory_format=torch.channels_last))
     quiet = lambda s: None  # noqa: E731
     s = merge(_merge_cfg(), list(teachers), tmp_path / "full", progress=False, echo=quiet)
-    merge(_merge_cfg(), list(teachers), tmp_path / "cut", progress=False, echo=quiet, _stop_after_epochs=1)
+    with stop_after(1):
+        merge(_merge_cfg(), list(teachers), tmp_path / "cut", progress=False, echo=quiet)
     merge(_merge_cfg(), list(teachers), tmp_path / "cut", resume=True, progress=False, echo=quiet)
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) and a[k].is_contiguous() for k in a)
     assert load(tmp_path / "full" / "last.pt").slimkit_spec == load(teachers[0]).slimkit_spec
     assert s["big_student"] == s["ensemble"]
+
+
+TINY_NET = """
+from torch import nn
+
+
+def tiny(num_classes=10):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+"""
+
+
+def test_a_student_without_an_image_size_argument_keeps_the_teachers_input_shape(tmp_path, monkeypatch):
+    # torchvision, timm and a user's own network take no image-size argument: trained at --image-size 8,
+    # the input shape lives only in the checkpoint's spec, and the merged student was recorded at
+    # its source's default, 3x224x224
+    import sys
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "mergenets_tiny.py").write_text(TINY_NET)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    arch = "mergenets_tiny:tiny"
+    try:
+        for s in (1, 2):
+            save(_teachers(arch, {"num_classes": 10, "input_shape": (3, 8, 8)}, seeds=(s,))[0], tmp_path / f"t{s}.pt")
+        teachers = [tmp_path / "t1.pt", tmp_path / "t2.pt"]
+        cfg = _merge_cfg(train_per_class=2, gate=TrainConfig(epochs=1, lr=0.01, batch_size=16),
+                         finetune=TrainConfig(epochs=2, lr=0.01, warmup_epochs=1, batch_size=16))
+        # stopped in the fine-tuning phase and resumed: the student is rebuilt from state.pt there
+        with stop_after(2):
+            merge(cfg, teachers, tmp_path / "m", arch=arch, progress=False, echo=lambda s: None)
+        merge(cfg, teachers, tmp_path / "m", arch=arch, resume=True, progress=False, echo=lambda s: None)
+        for name in ("compressed.pt", "last.pt"):
+            assert load(tmp_path / "m" / name, arch=arch).slimkit_spec.input_shape == (3, 8, 8), name
+    finally:
+        sys.modules.pop("mergenets_tiny", None)

@@ -22,7 +22,7 @@ import torch
 
 from slimkit import load
 from slimkit.engine.loop import TrainConfig
-from slimkit.engine.rundir import SimulatedCrash, crash_at
+from slimkit.engine.testhooks import SimulatedCrash, crash_at
 from slimkit.engine.train import TrainRunConfig, train
 from slimkit.methods.den.sequence import DENConfig, run_den
 from slimkit.methods.ke.evolve import EvolveConfig, evolve

@@ -122,3 +122,32 @@ def test_bad_plans_are_refused(keep, match):
 def test_malformed_plans_are_refused(keep, match):
     with pytest.raises(SlimkitError, match=match):
         KeepPlan({"conv1": keep})
+
+
+def _frozen(model: torch.nn.Module, names=("conv1", "bn1", "layer1")) -> torch.nn.Module:
+    for name in names:  # a fine-tuned network's frozen backbone
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def test_frozen_layers_are_traced_and_cut_like_trainable_ones():
+    # torch-pruning traces through autograd, which records no frozen layer: resnet18 with conv1, bn1
+    # and layer1 frozen once gave a plan of 15 layers instead of 20 and left those layers uncut
+    dense = randomize_bn(create_model("resnet18", num_classes=7, input_shape=(3, 32, 32)), seed=1)
+    frozen = _frozen(copy.deepcopy(dense))
+    plans, slims = [], []
+    for model in (dense, frozen):
+        graph = ChannelGraph(model, (3, 32, 32))
+        plans.append(kels_plan(graph, 0.5))
+        slims.append(apply_plan(model, plans[-1], (3, 32, 32)))
+    assert len(plans[0].keep) == 20 and plans[1].keep == plans[0].keep
+    assert slims[1].conv1.out_channels == 32 and slims[1].layer1[0].conv2.in_channels == 32
+    a, b = slims[0].state_dict(), slims[1].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # the same cut of the same weights
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    # the caller's model is left as it was, and the slim one keeps it: frozen stays frozen, trainable trainable
+    want = [n for n, _ in frozen.named_parameters() if n.split(".")[0] in ("conv1", "bn1", "layer1")]
+    for model in (frozen, slims[1]):
+        assert [n for n, p in model.named_parameters() if not p.requires_grad] == want

@@ -9,11 +9,13 @@ from slimkit.cli.options import (
     fail,
     finish_verb,
     input_shape,
+    int8_args,
     model_args,
     positive_int,
     source_args,
     split_rate,
     timing_args,
+    weights_args,
 )
 
 log = logging.getLogger("slimkit")
@@ -30,7 +32,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     report = extract(
         args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
         num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
-        input_shape=args.input_shape,
+        input_shape=args.input_shape, ema=args.ema, state_key=args.state_key,
     )
     emit(args, report.to_json(), report.table())
     return 0
@@ -53,7 +55,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(
         args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
         fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        force=args.force, align=args.align, provider=args.provider,
+        force=args.force, int8=args.int8, calib=args.calib, calib_size=args.calib_size, data=args.data,
+        max_drop=args.max_drop, align=args.align, provider=args.provider, ema=args.ema, state_key=args.state_key,
     )
     emit(args, report.to_json(), report.summary())
     return 0
@@ -62,7 +65,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from slimkit.deploy.bench import bench_files
 
-    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args}
+    source = {"arch": args.arch, "num_classes": args.num_classes, "model_args": args.model_args, "ema": args.ema,
+              "state_key": args.state_key}
     report = bench_files(args.models, batch=args.batch, provider=args.provider, threads=args.threads,
                          input_shape=args.input_shape, torch_fp16=args.torch_fp16, channels_last=args.channels_last,
                          source=source, warmup=args.warmup, runs=args.runs, out=args.out, force=args.force)
@@ -82,7 +86,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.ckpt, split_rate=args.split_rate, data=args.data, batches=parse_batches(args.batch),
         provider=args.provider, threads=args.threads, warmup=args.warmup, runs=args.runs, out=args.out,
         force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
-        profile=args.profile,
+        profile=args.profile, precision=args.precision, align=args.align, calib=args.calib,
+        calib_size=args.calib_size, max_drop=args.max_drop, ema=args.ema, state_key=args.state_key,
     )
     emit(args, rep.to_json(), rep.markdown())
     out = args.out or default_compare_dir(Path(args.ckpt))
@@ -150,12 +155,16 @@ def add_parsers(sub) -> None:
     x.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
     x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")
+    int8_args(x)
+    x.add_argument("--data", help="with --int8: held-out images ('digits' or a directory's test/ split) on which "
+                   "INT8 accuracy is compared with fp32 (ONNX Runtime CPU); refused beyond --max-drop")
     x.add_argument("--align", type=align_value, metavar="N|auto",
                    help="pad every cut layer with zero channels up to a multiple of N (never beyond its dense "
                    "width): the same function, widths that fit blocked conv kernels (8: AVX2, 16: AVX-512), no "
-                   "retraining; 'auto' times 1, 8, 16, 32 on --provider and keeps the fastest")
+                   "retraining; 'auto' times 1, 8, 16, 32 on --provider and keeps the fastest; with --int8 the "
+                   "aligned fp32 graph is quantized")
     x.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt", "torch"),
-                   help="where --align auto times the candidates")
+                   help="where --align auto times the candidates; the provider an --int8 file is for (cpu only)")
     finish_verb(x, _cmd_export, force="overwrite an existing output")
 
     b = sub.add_parser(
@@ -168,6 +177,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--arch", help="architecture of plain state_dict checkpoints (see `slimkit models`)")
     b.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict checkpoints")
     b.add_argument("--model-args", type=model_args, help="other constructor arguments of plain state_dicts")
+    weights_args(b, "training checkpoints")
     timing_args(b)
     b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
     b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")
@@ -188,6 +198,12 @@ def add_parsers(sub) -> None:
     c.add_argument("--profile", action="store_true",
                    help="also show ONNX Runtime's CPU kernel time by node kind (convs blocked/plain, depthwise, "
                    "reorders, classifier) for both networks: why the slim one saves more or less than its MACs")
+    c.add_argument("--precision", help="the deployment table: comma-separated precisions of every artefact, e.g. "
+                   "fp32,fp16,int8 (int8 needs --calib); dense and slim at each, timed interleaved, the fastest "
+                   "within --max-drop of dense fp32's accuracy picked")
+    c.add_argument("--align", help="with the deployment table: also slim at widths padded to a multiple of N, or "
+                   "'auto' (the fastest of 1, 8, 16, 32 on the provider)")
+    int8_args(c, table=True)
     c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
     finish_verb(c, _cmd_compare, force="overwrite existing report files")
 

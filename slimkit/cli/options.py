@@ -130,13 +130,24 @@ def input_shape(text: str) -> tuple:
 
 def source_args(p: argparse.ArgumentParser) -> None:
     """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
-    p.add_argument("ckpt", help="slimkit checkpoint, plain state_dict (needs --arch) or official KE checkpoint")
+    p.add_argument("ckpt", help="slimkit checkpoint, or (with --arch) a state_dict, training checkpoint (timm, "
+                   "torchvision, Lightning) or safetensors file, or an official KE checkpoint")
     p.add_argument("--arch", help="model source of a plain state_dict: a built-in or torchvision name, timm/NAME, or "
                    "package.module:callable (see `slimkit models`); also allows a checkpoint built by that import path")
     p.add_argument("--num-classes", type=positive_int, help="classes of a plain state_dict (inferred when omitted)")
     p.add_argument("--model-args", type=model_args,
                    help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
                    "(see `slimkit models`)")
+    weights_args(p)
+
+
+def weights_args(p: argparse.ArgumentParser, whose: str = "the checkpoint") -> None:
+    """--ema and --state-key: which weights of a training checkpoint; every verb reading a network has them."""
+    p.add_argument("--ema", action="store_true",
+                   help=f"use the EMA weights of {whose} (timm state_dict_ema, torchvision model_ema, ...)")
+    p.add_argument("--state-key", metavar="KEY",
+                   help=f"the entry of {whose} holding the weights, when it has several (a dotted path for "
+                   "nested entries, e.g. callbacks.EMA.ema_state_dict)")
 
 
 def timing_args(p: argparse.ArgumentParser) -> None:
@@ -146,6 +157,21 @@ def timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores)")
     p.add_argument("--warmup", type=positive_int, default=10, help="untimed runs per model and batch")
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per model and batch")
+
+
+def int8_args(p: argparse.ArgumentParser, table: bool = False) -> None:
+    """INT8 calibration and accuracy budget: shared by export --int8 and compare --precision ...,int8."""
+    if not table:
+        p.add_argument("--int8", action="store_true",
+                       help="quantize the fp32 graph to INT8 (ONNX Runtime static QDQ, per-channel weights, settings "
+                       "chosen for this CPU); needs --calib")
+    p.add_argument("--calib", help="calibration images: 'digits', a dataset directory (its train/ split, else test/ "
+                   "or val/) or a .npy array (N,C,H,W) of preprocessed inputs")
+    p.add_argument("--calib-size", type=int_at_least(16, "at least 16 (fewer images give activation ranges that "
+                   "clip held-out images)"), help="calibration images, a seeded selection (default 256)")
+    p.add_argument("--max-drop", type=nonneg_float, default=1.0,
+                   help="accuracy points INT8 may lose against fp32 on --data" if not table else
+                   "accuracy budget: an artefact qualifies when its accuracy is at least dense fp32's minus this many points")
 
 
 def optim_args(p: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from slimkit.cli.options import (
     positive_int,
     run_args,
     split_rate,
+    weights_args,
 )
 
 
@@ -97,7 +98,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                       gate_lr=args.gate_lr, lambda_init=args.lambda_init, lambda_step=args.lambda_step,
                       eval_every=args.eval_every, augment=args.augment)
     return _launch("merge", args, lambda out, **kw: merge(cfg, args.teachers, out, arch=args.arch,
-                                                           num_classes=args.num_classes, **kw),
+                                                           num_classes=args.num_classes, ema=args.ema,
+                                                           state_key=args.state_key, **kw),
                    "big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
 
 
@@ -165,6 +167,7 @@ def add_parsers(sub) -> None:
                    "--resume remembers them")
     g.add_argument("--arch", help="architecture of plain state_dict teachers (see `slimkit models`)")
     g.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict teachers")
+    weights_args(g, "the teachers' training checkpoints")
     g.add_argument("--gate-epochs", type=positive_int, default=30, help="epochs of importance learning")
     g.add_argument("--gate-lr", type=positive_float, default=0.5, help="Adam learning rate of the gates' log alpha")
     g.add_argument("--lr", type=positive_float, default=0.01, help="peak SGD learning rate of the weights while the gates learn")

@@ -13,18 +13,19 @@ so a sliced network loads without its parent: rebuild the dense network by name,
 recorded plans through the same surgery, load the weights. Loading always uses
 ``torch.load(weights_only=True)``; nothing in a file is ever executed.
 
-:func:`read` also accepts a plain state_dict (``{"state_dict": ...}``, keys possibly prefixed
-``module.``) given an arch, and checkpoints of the official Knowledge Evolution code
+:func:`read` also accepts, given an arch, a plain state_dict, a training checkpoint holding one
+(timm, torchvision reference scripts, PyTorch Lightning; keys possibly prefixed ``module.``,
+``model.``, ...), a safetensors file, and checkpoints of the official Knowledge Evolution code
 (``{"arch": "Split_ResNet18", "state_dict": ...}`` whose conv/linear entries carry ``*.mask``).
+Which bytes are which and where the weights sit inside is :mod:`slimkit.core.formats`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import io
 import json
-import pickle
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from slimkit.core.errors import SlimkitError, one_line
 from slimkit.core.fileio import atomic_write, sha256_of
+from slimkit.core.formats import choose_weights, fit_prefix, load_file
 from slimkit.core.graph import ChannelGraph, prunable_layers
 from slimkit.core.plan import KeepPlan
 from slimkit.core.surgery import cut, plans_of
@@ -114,10 +116,10 @@ def state_dict_bytes(model: nn.Module, **meta: Any) -> int:
 
 def load(path: str | Path, arch: str | None = None, num_classes: int | None = None,
          model_args: dict[str, Any] | None = None, plain_only: bool = False,
-         input_shape: tuple[int, ...] | None = None) -> nn.Module:
+         input_shape: tuple[int, ...] | None = None, ema: bool = False, state_key: str | None = None) -> nn.Module:
     """The network in ``path`` in eval mode (see :func:`read` for the accepted formats)."""
     return read(path, arch=arch, num_classes=num_classes, model_args=model_args, plain_only=plain_only,
-                input_shape=input_shape).model
+                input_shape=input_shape, ema=ema, state_key=state_key).model
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -134,47 +136,6 @@ def _read_bytes(path: Path) -> bytes:
     if not data:
         raise SlimkitError(f"{path} is empty (0 bytes), not a checkpoint")
     return data
-
-
-def _torch_load(path: Path, data: bytes) -> Any:
-    try:
-        with warnings.catch_warnings():  # torch warns about odd pickle protocols: our error says it better
-            warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = str(exc).split("\n")
-        why = next((ln.strip() for ln in lines if "GLOBAL" in ln.upper() and "unsupported" in ln.lower()), None)
-        if why is not None:  # a real pickle naming a class or function: refuse, never import it
-            why = why.split(" was not an allowed global")[0].rstrip(".")
-            raise SlimkitError(
-                f"{path} contains Python objects other than tensors and plain containers; slimkit loads "
-                f"weights only and never executes code from a file ({why}). "
-                "Re-save just the state_dict: torch.save(model.state_dict(), path)"
-            ) from None
-        raise SlimkitError(f"{path} is not a PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
-    except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... on damaged files
-        raise SlimkitError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
-
-
-def _strip_prefix(sd: dict[str, Any]) -> dict[str, Any]:
-    for prefix in ("module.", "_orig_mod."):  # DataParallel/DDP, torch.compile
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
-
-
-def _as_state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        what = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else type(obj).__name__
-        raise SlimkitError(
-            f"{path} holds {what}, not a state_dict; expected a slimkit checkpoint, a state_dict "
-            "or {'state_dict': ...}"
-        )
-    return _strip_prefix({str(k): v for k, v in obj.items()})
 
 
 def _load_weights(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -194,12 +155,16 @@ def _load_weights(path: Path, model: nn.Module, sd: dict[str, torch.Tensor], wha
             parts.append(f"{len(extra)} unexpected key(s), first {extra[0]}")
         raise SlimkitError(f"{path} does not fit {what}: {'; '.join(parts)}; check --arch, --num-classes "
                            "and --model-args")
+    if getattr(sd, "_metadata", None) is None:
+        # no module versions in the file (safetensors, a plain dict): the weights are taken to be of the
+        # architecture's current versions, as its own fresh state_dict says (torchvision's mnasnet needs one)
+        sd = collections.OrderedDict(sd)
+        sd._metadata = own._metadata
     model.load_state_dict(sd, strict=True)
 
 
-def _classifier_classes(arch: str, sd: dict[str, torch.Tensor], model_args: dict[str, Any]) -> int:
-    """Infer the class count: the last conv/linear layer of the architecture is its classifier."""
-    probe = create_model(arch, **model_args)
+def _classifier_classes(probe: nn.Module, sd: dict[str, torch.Tensor]) -> int:
+    """Infer the class count: the last conv/linear layer of the architecture (``probe``) is its classifier."""
     last = list(prunable_layers(probe))[-1]
     w = sd.get(last + ".weight")
     if w is None:
@@ -229,7 +194,7 @@ def _check_user_arch(path: Path, file_arch: str, arch: str | None, file_classes:
 
 def read(path: str | Path, arch: str | None = None, num_classes: int | None = None,
          model_args: dict[str, Any] | None = None, plain_only: bool = False,
-         input_shape: tuple[int, ...] | None = None) -> Loaded:
+         input_shape: tuple[int, ...] | None = None, ema: bool = False, state_key: str | None = None) -> Loaded:
     """Load any checkpoint slimkit understands into a fresh network in eval mode.
 
     ``arch``/``num_classes`` are needed only for plain state_dicts (classes are inferred from the
@@ -241,12 +206,16 @@ def read(path: str | Path, arch: str | None = None, num_classes: int | None = No
     input of a plain state_dict's network when its source's default does not fit (a slimkit
     checkpoint records its own).
 
+    A file with several weight sets (a training checkpoint with EMA weights) gives its live weights;
+    ``ema`` asks for the EMA weights, ``state_key`` names an entry (a dotted path for nested ones).
+    Either is an error for a slimkit checkpoint (one set of weights) unless ``plain_only``.
+
     A slimkit checkpoint whose source is an import path (``package.module:callable``) is rebuilt only
     when ``arch`` names that same path: loading a file never imports code the caller did not name.
     """
     # parameters built under a caller's inference_mode could never be traced or trained
     with torch.inference_mode(False):
-        return _read(Path(path), arch, num_classes, dict(model_args or {}), plain_only, input_shape)
+        return _read(Path(path), arch, num_classes, dict(model_args or {}), plain_only, input_shape, ema, state_key)
 
 
 
@@ -281,63 +250,53 @@ def source(obj: str | Path | nn.Module, input_shape: tuple[int, ...] | None = No
     return read(obj, input_shape=input_shape, **read_kwargs)
 
 def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dict[str, Any],
-          plain_only: bool = False, input_shape: tuple[int, ...] | None = None) -> Loaded:
+          plain_only: bool = False, input_shape: tuple[int, ...] | None = None, ema: bool = False,
+          state_key: str | None = None) -> Loaded:
     if "num_classes" in model_args:
         raise SlimkitError("give the class count with --num-classes, not --model-args")
     data = _read_bytes(path)
     sha, nbytes = sha256_of(data), len(data)
-    obj = _torch_load(path, data)
+    obj = load_file(path, data)
 
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        if obj.get("format_version") != FORMAT_VERSION:
-            raise SlimkitError(f"{path} is slimkit checkpoint format {obj.get('format_version')}; this slimkit reads {FORMAT_VERSION}")
-        try:
-            spec = ModelSpec.from_json(obj["spec"])
-            plans = [KeepPlan.from_json(p) for p in obj.get("plans", [])]
-            meta = dict(obj.get("meta", {}))
-            sd = obj["state_dict"]
-            concat = int(obj.get("concat", 1))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
-        if is_import_path(spec.arch) and arch != spec.arch:
-            raise SlimkitError(f"{path} was built by the import path {spec.arch!r}; slimkit imports code only when "
-                               f"you name it: pass --arch {spec.arch} to allow it")
-        if not plain_only:
-            _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
-        model = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
-        if concat == 2:  # a merged big student: two copies side by side (methods/merge)
-            from slimkit.methods.merge.transform import widen
-
-            widen(model)
-        elif concat != 1:
-            raise SlimkitError(f"{path} describes a concatenation of {concat} networks; slimkit merges two")
-        for plan in plans:  # re-cut the fresh dense network exactly as the parent was cut
-            cut(ChannelGraph(model, spec.input_shape), plan)
-        _load_weights(path, model, sd, f"the {spec.arch} it describes")
-        return Loaded(model.eval(), "slimkit", path, sha, nbytes, meta)
+        if (ema or state_key is not None) and not plain_only:
+            raise SlimkitError(f"{path} is a slimkit checkpoint, which holds one set of weights; drop "
+                               f"{'--ema' if ema else '--state-key'}")
+        return _read_slimkit(path, obj, arch, num_classes, model_args, plain_only, sha, nbytes)
 
     file_arch = obj.get("arch") if isinstance(obj, dict) and isinstance(obj.get("arch"), str) else None
-    sd = _as_state_dict(path, obj)
-    masks = {k[: -len(".mask")]: v for k, v in sd.items() if k.endswith(".mask")}
+    key, sd = choose_weights(path, obj, ema, state_key)
+    meta: dict[str, Any] = {"weights": key} if key else {}
+    masks = [k for k in sd if k.endswith(".mask")]
     if masks:  # official Knowledge Evolution checkpoint: SplitConv/SplitLinear keep their masks
-        sd = {k: v for k, v in sd.items() if not k.endswith(".mask")}
         if file_arch is None and arch is None:
             raise SlimkitError(f"{path} carries split masks but no arch; pass --arch")
         resolved = _ke_arch(file_arch) if file_arch else arch
-        classes = _classifier_classes(resolved, sd, model_args)
+    elif arch is None:
+        raise SlimkitError(
+            f"{path} is a plain state_dict, which does not say its architecture; pass --arch "
+            f"(one of: {', '.join(list_models())}) and --num-classes"
+        )
+    else:
+        resolved = arch
+    probe = create_model(resolved, **model_args)  # its keys say which key prefix fits, its classifier the classes
+    built_probe = ", ".join(f"{k}={v!r}" for k, v in model_args.items())
+    sd = fit_prefix(path, sd, set(probe.state_dict()), f"{resolved}({built_probe})", ignore=(".mask",))
+    masks = {k[: -len(".mask")]: v for k, v in sd.items() if k.endswith(".mask")}
+    if masks:
+        weights = collections.OrderedDict((k, v) for k, v in sd.items() if not k.endswith(".mask"))
+        if getattr(sd, "_metadata", None) is not None:
+            weights._metadata = sd._metadata
+        sd = weights
+        classes = _classifier_classes(probe, sd)
         if not plain_only:
             _check_user_arch(path, resolved, arch, classes, num_classes)
         kind, arch, num_classes = "ke", resolved, classes
-        meta: dict[str, Any] = {"source_arch": file_arch or arch}
+        meta["source_arch"] = file_arch or arch
     else:
-        if arch is None:
-            raise SlimkitError(
-                f"{path} is a plain state_dict, which does not say its architecture; pass --arch "
-                f"(one of: {', '.join(list_models())}) and --num-classes"
-            )
         if num_classes is None and "num_classes" in model_params(arch):
-            num_classes = _classifier_classes(arch, sd, model_args)
-        kind, meta = "state_dict", {}
+            num_classes = _classifier_classes(probe, sd)
+        kind = "state_dict"
     takes_classes = "num_classes" in model_params(arch)
     classes = {"num_classes": num_classes} if takes_classes else {}
     model = create_model(arch, input_shape=input_shape, **classes, **model_args)
@@ -350,3 +309,33 @@ def _read(path: Path, arch: str | None, num_classes: int | None, model_args: dic
             raise SlimkitError(f"{path} has a split mask {unknown[0]}.mask for a layer {arch} does not have as conv/linear")
         masks = {k: v.ne(0) for k, v in masks.items()}
     return Loaded(model.eval(), kind, path, sha, nbytes, meta, masks or None)
+
+
+def _read_slimkit(path: Path, obj: dict[str, Any], arch: str | None, num_classes: int | None,
+                  model_args: dict[str, Any], plain_only: bool, sha: str, nbytes: int) -> Loaded:
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise SlimkitError(f"{path} is slimkit checkpoint format {obj.get('format_version')}; this slimkit reads {FORMAT_VERSION}")
+    try:
+        spec = ModelSpec.from_json(obj["spec"])
+        plans = [KeepPlan.from_json(p) for p in obj.get("plans", [])]
+        meta = dict(obj.get("meta", {}))
+        sd = obj["state_dict"]
+        concat = int(obj.get("concat", 1))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
+    if is_import_path(spec.arch) and arch != spec.arch:
+        raise SlimkitError(f"{path} was built by the import path {spec.arch!r}; slimkit imports code only when "
+                           f"you name it: pass --arch {spec.arch} to allow it")
+    if not plain_only:
+        _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
+    model = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
+    if concat == 2:  # a merged big student: two copies side by side (methods/merge)
+        from slimkit.methods.merge.transform import widen
+
+        widen(model)
+    elif concat != 1:
+        raise SlimkitError(f"{path} describes a concatenation of {concat} networks; slimkit merges two")
+    for plan in plans:  # re-cut the fresh dense network exactly as the parent was cut
+        cut(ChannelGraph(model, spec.input_shape), plan)
+    _load_weights(path, model, sd, f"the {spec.arch} it describes")
+    return Loaded(model.eval(), "slimkit", path, sha, nbytes, meta)

@@ -2,12 +2,15 @@
 
 One forward pass on meta tensors (no memory, no compute; a real forward when the model cannot run
 on meta) watches the operations each module performs. Attention (a product of two activations,
-scaled-dot-product attention), channels reshaped into groups (channel shuffle, split attention),
-channel splits, normalisation over channels (LayerNorm, GroupNorm with several channels per group),
-weight standardisation, functional convolutions, and per-channel parameters outside conv/BN (layer
-scale) have no rule that keeps slim == masked here, so the model is refused in one line naming the
-layer (the module whose forward did it) and the construct, instead of being traced for minutes
-(ViT, MaxViT) or cut wrongly (ConvNeXt, SKNet). Attention is reported first when present.
+scaled-dot-product attention), normalisation over channels (LayerNorm, GroupNorm with several
+channels per group), weight standardisation, functional convolutions with a learned weight and
+parameters of other shapes than a per-channel vector have no rule that keeps slim == masked here,
+so the model is refused in one line naming the layer (the module whose forward did it) and the
+construct, instead of being traced for minutes (ViT, MaxViT) or cut wrongly (ConvNeXt). Attention
+is reported first when present. Channels reshaped into groups (a shuffle, split attention), channel
+splits, fixed depthwise filters and layer scale have a rule, but torch-pruning's index maps do not
+follow them: the scan reports them, and the graph reads their coupling by channel labels
+(channelmap.py).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class _Scan(TorchFunctionMode):
         self.modules: list[nn.Module] = []
         self.found: list[Refusal] = []  # every construct without a rule, in forward order
         self.params: set[int] = set()  # ids of parameter tensors: a product with one is a layer, not attention
+        self.labelled: dict[str, str] = {}  # construct -> first layer, where the rule needs channel labels
 
     def _where(self) -> str:
         return self.stack[-1] if self.stack else ""
@@ -86,23 +90,24 @@ class _Scan(TorchFunctionMode):
                                  "channels, so cutting some changes the others")
         if name in ("split", "chunk", "tensor_split", "split_with_sizes", "unbind") and args \
                 and isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and _dim_arg(args, kwargs) == 1:
-            raise Refusal(where, "channel split (torch.split/chunk along channels, as mixed-kernel, CSP, Res2Net "
-                                 "and DPN blocks do): the traced coupling of split channels is not exact")
+            self.labelled.setdefault("channel split", where or "(model)")
         if name == "batch_norm" and self._module_is(nn.Conv2d):
             raise Refusal(where, "weight standardisation (a conv normalising its own filters): cutting input "
                                  "channels changes every filter's statistics")
         if name == "conv2d" and not self._module_is(nn.Conv2d):
-            raise Refusal(where, "functional convolution outside an nn.Conv2d (e.g. a fixed blur filter): its "
-                                 "weight does not follow the cut")
+            x, w = args[0], args[1]
+            groups = kwargs.get("groups", args[6] if len(args) > 6 else 1)
+            if id(w) in self.params or w.dim() != 4 or w.shape[1] != 1 or groups != x.shape[1]:
+                raise Refusal(where, "functional convolution outside an nn.Conv2d (other than a fixed depthwise "
+                                     "filter): its weight does not follow the cut")
+            self.labelled.setdefault("fixed depthwise filter", where or "(model)")
         out = func(*args, **kwargs)
         if name in ("view", "reshape") and args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
             x = args[0]
             if x.dim() == 4 and out.dim() >= 4 and out.shape[0] == x.shape[0] and 1 < out.shape[1] < x.shape[1] \
                     and x.shape[1] % out.shape[1] == 0 and out.shape[2] > 1 and out[0].numel() == x[0].numel() \
                     and out.shape[-1] == x.shape[-1]:
-                raise Refusal(where, f"channels reshaped into {out.shape[1]} groups of {x.shape[1] // out.shape[1]} "
-                                     "(channel shuffle, split attention, selective kernel): no rule keeps the "
-                                     "grouped order")
+                self.labelled.setdefault("channels reshaped into groups", where or "(model)")
         return out
 
 
@@ -128,8 +133,12 @@ def _hooks(model: nn.Module, scan: _Scan):
     return handles
 
 
-def check_constructs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """Raise SlimkitError naming the first layer whose construct slimkit cannot cut exactly."""
+def check_constructs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, str]:
+    """Raise SlimkitError naming the first layer whose construct slimkit cannot cut exactly.
+
+    Returns the constructs seen whose rule needs the channels followed by label (channels reshaped
+    into groups, channel split, fixed depthwise filter, layer scale), each with the first layer where
+    it was seen: empty for a network torch-pruning's index maps cover exactly."""
     for name, m in model.named_modules():
         why = _module_refusal(name, m)
         if why is not None:
@@ -147,12 +156,17 @@ def check_constructs(model: nn.Module, input_shape: tuple[int, ...]) -> None:
     r = scan.first()
     if r is not None:
         raise SlimkitError(f"{r}; slimkit cannot cut this network exactly")
-    _check_loose_parameters(model)
+    loose = _check_loose_parameters(model)
+    if loose:
+        scan.labelled.setdefault("layer scale", loose)
+    return scan.labelled
 
 
-def _check_loose_parameters(model: nn.Module) -> None:
-    """A per-channel parameter outside conv/linear/BN (ConvNeXt's layer scale, a position embedding)
-    multiplies or adds to channels in the forward, where no traced rule follows it."""
+def _check_loose_parameters(model: nn.Module) -> str:
+    """A parameter outside conv/linear/BN with one dimension of several entries (layer scale: (C,),
+    (C, 1, 1)) is cut with the channels it scales, followed by label (the first one's layer); any
+    other (a position embedding, a weight-standardised conv's gain) has no rule."""
+    loose = ""
     allowed = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.PReLU)
     for name, p in model.named_parameters():
         owner = name.rpartition(".")[0]
@@ -163,9 +177,13 @@ def _check_loose_parameters(model: nn.Module) -> None:
                                f"{list(p.shape)} (e.g. a scaled weight-standardised conv) has no exact cutting rule; "
                                "slimkit cannot cut this network exactly")
         if not isinstance(mod, allowed) and p.numel() > 1:  # a scalar scale/shift treats every channel alike
+            if sum(s > 1 for s in p.shape) == 1:
+                loose = loose or owner or "(model)"
+                continue
             raise SlimkitError(f"layer {owner or '(model)'}: parameter {name.rpartition('.')[2]} of shape "
                                f"{list(p.shape)} outside conv/linear/BN layers (e.g. layer scale) has no exact "
                                "cutting rule; slimkit cannot cut this network exactly")
+    return loose
 
 
 def _run(model: nn.Module, input_shape: tuple[int, ...], scan: _Scan) -> None:

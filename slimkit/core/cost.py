@@ -4,7 +4,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["count_params", "count_macs", "MacCounter"]
+__all__ = ["count_params", "count_macs", "MacCounter", "device_of", "example_input"]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a network without any)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (batch, *input_shape) input on ``model``'s device: zeros, or normal draws of a CPU ``generator``
+    (the same numbers whatever the device), for every forward slimkit runs on a caller's model."""
+    if generator is None:
+        return torch.zeros(batch, *input_shape, device=device_of(model))
+    return torch.randn(batch, *input_shape, generator=generator).to(device_of(model))
 
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
@@ -58,7 +73,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     try:
         with MacCounter(model) as mc:
-            model(torch.zeros(1, *input_shape))
+            model(example_input(model, input_shape))
     finally:
         model.train(was_training)
     return mc.per_sample

@@ -3,7 +3,9 @@
 This module only *describes* a network: which conv/linear layers' output channels are tied
 together (residual adds, concatenations, depthwise convs) and which input channels of which
 consumers each output channel feeds (through BN, pooling, flatten, cat). Choosing channels
-(plan.py) and cutting them (surgery.py) both read this description.
+(plan.py) and cutting them (surgery.py) both read this description. Where torch-pruning's index
+maps do not follow the network (a channel shuffle, a split joined back, a fixed filter, layer
+scale), the same description is read from a channel-label trace instead (channelmap.py).
 """
 from __future__ import annotations
 
@@ -43,11 +45,12 @@ class CoupledGroup:
     size: int
     producers: tuple[Member, ...]
     consumers: tuple[Member, ...]
+    pinned: bool = False  # some channel reaches the output or an operation whose channels are not followed
 
     @property
     def is_output(self) -> bool:
         """No layer reads these channels: they reach the network's output (the classifier's classes)."""
-        return not self.consumers
+        return self.pinned or not self.consumers
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -82,6 +85,20 @@ def _mapping_frozen():
         index_mapping.update_index_mapping = real
 
 
+@contextlib.contextmanager
+def _all_requiring_grad(model: nn.Module):
+    """Every parameter requires grad while tracing: autograd never records a frozen layer (a fine-tuned
+    network's frozen backbone), so torch-pruning would leave it out of the graph, and uncut."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 class ChannelGraph:
     """The traced coupling of ``model``; valid until the model's shapes change (``refresh`` after)."""
 
@@ -100,11 +117,36 @@ class ChannelGraph:
                 )
         from slimkit.core.constructs import check_constructs
 
-        check_constructs(model, self.input_shape)  # refuse what no rule covers before tracing
+        # refuse what no rule covers before tracing; shuffles, splits, fixed filters and layer scale
+        # are followed by channel labels (channelmap.py) instead of torch-pruning's index maps
+        self.labelled = check_constructs(model, self.input_shape)
+        self._names = {m: n for n, m in self.layers.items()}
+        if not self.labelled:
+            self._trace_dependencies(tp)
+        if self.labelled:
+            self._trace_labels()
+        self.group_of = {p.name: g for g in self.groups for p in g.producers}
+
+    def _trace_labels(self) -> None:
+        from slimkit.core import channelmap, labelcut
+
+        try:
+            self.trace = channelmap.trace_labels(self.model, self.input_shape)
+        except SlimkitError:
+            raise
+        except Exception as exc:  # the user's forward failed at this input shape
+            raise SlimkitError(
+                f"cannot trace the network at input shape {list(self.input_shape)}: {one_line(exc)}"
+            ) from exc
+        self.groups = labelcut.label_groups(self.trace, self.layers)
+        self.multipliers = self.trace.multipliers
+
+    def _trace_dependencies(self, tp) -> None:
+        model = self.model
         was_training = model.training
         model.eval()  # tracing runs a forward: never let it move BN running statistics
         try:  # torch-pruning traces through autograd, so it must run even under a caller's no_grad
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), _all_requiring_grad(model):
                 x = torch.zeros(1, *self.input_shape, device=_device_of(model))  # traced where the model lives
                 self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
         except Exception as exc:  # tracing failures come from the user's model or input shape
@@ -113,10 +155,13 @@ class ChannelGraph:
             ) from exc
         finally:
             model.train(was_training)
-        self._names = {m: n for n, m in self.layers.items()}
-        with _mapping_frozen():  # nothing changes shape while the groups are read
-            self.groups = list(self._build_groups())
-        self.group_of = {p.name: g for g in self.groups for p in g.producers}
+        try:
+            with _mapping_frozen():  # nothing changes shape while the groups are read
+                self.groups = list(self._build_groups())
+        except SlimkitError as exc:  # a slice joined back (ReXNet, DPN): torch-pruning's map is not exact
+            if "channel split or slice" not in str(exc):
+                raise
+            self.labelled = {"channel slice joined back": str(exc).split(":")[0].removeprefix("layer ")}
 
     def _build_groups(self) -> Iterator[CoupledGroup]:
         dg, seen = self.dg, set()
@@ -163,6 +208,19 @@ class ChannelGraph:
             )
         return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
+    def pruning_group(self, group: CoupledGroup):
+        """torch-pruning's own ``Group`` of every channel of ``group`` (what its importance estimators
+        read: each item's layer, pruning function, local and root indices), read without pruning."""
+        if self.labelled:
+            construct, layer = next(iter(self.labelled.items()))
+            raise SlimkitError(f"layer {layer}: {construct}: torch-pruning's dependency graph does not follow it, so "
+                               "its importance estimators cannot score these channels; only the KELS prefix rule cuts "
+                               "this network")
+        root = self.layers[group.root]
+        pruner = self.dg.get_pruner_of_module(root)
+        with _mapping_frozen():  # nothing changes shape while it is read
+            return self.dg.get_pruning_group(root, pruner.prune_out_channels, list(range(group.size)))
+
     def prune_groups(self, drops: list[tuple[CoupledGroup, list[int]]]) -> None:
         """Physically remove root channels of several groups at once.
 
@@ -171,6 +229,10 @@ class ChannelGraph:
         in the unpruned network's index space first, the channels each (layer, operation) loses are
         merged, and each layer is cut once: no offset can go stale, and the mapping is computed once.
         """
+        if self.labelled:
+            from slimkit.core import labelcut
+
+            return labelcut.prune_labelled(self.model, self.trace, self.groups, drops)
         todo: dict[tuple[int, object], tuple[object, set[int]]] = {}
         with _mapping_frozen():
             for group, drop in drops:

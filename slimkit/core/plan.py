@@ -22,7 +22,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup, is_grouped, prunable_layers
 
 __all__ = [
-    "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "plan_masks", "wels_masks",
+    "KeepPlan", "check_split_rate", "kels_count", "kels_plan", "kels_segments", "plan_masks", "wels_masks",
     "plan_from_masks", "apply_masks", "grouped_keeps", "segments",
 ]
 
@@ -146,26 +146,28 @@ def kels_plan(graph: ChannelGraph, split_rate: float, round_to: int = 1) -> Keep
 
 
 def _kept_roots(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
-    """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels.
-
-    With one producer spanning the group that is the paper's rule, the first ceil(sr*C). A group can
-    tie a layer to only part of another's channels (see :func:`segments`); a prefix of each segment
-    is a prefix of every member's share, so all coupled layers agree.
-    """
-    bounds, block = segments(graph, group)
+    """Root channels KELS keeps in ``group``: the first ceil(sr*n) of every segment of n channels
+    (see :func:`kels_segments`), or of every cell where the coupling was read by channel labels."""
+    if getattr(graph, "labelled", None):
+        return _kept_cells(graph, group, sr, round_to)
+    segments, block = kels_segments(graph, group)
     kept = set()
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in segments:
         kept.update(range(a, a + kels_count(b - a, sr, round_to if block is None else 1)))
     return kept
 
 
-def segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[int], int | None]:
-    """Segment bounds of ``group``'s root space, and the block width of grouped convs (None: none).
+def kels_segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[tuple[int, int]], int | None]:
+    """The root-space segments ``[a, b)`` of ``group`` that each keep ceil(sr*(b-a)) channels, and the
+    block width of its grouped convs (None: no grouped conv).
 
-    A group can tie a layer to only part of another's channels (a split or slice joined by an add or
-    a concatenation: CSP, GhostNet, ReXNet, MixNet); the root space is cut at every member's
-    boundaries, so each segment lies inside every member's share or outside it. Grouped convs
-    further split segments into blocks of their group width.
+    With one producer spanning the group there is one segment, the paper's rule ceil(sr*C). A group can
+    tie a layer to only part of another's channels (a split or slice joined by an add or a
+    concatenation: CSP, GhostNet, ReXNet, MixNet); then the root space is cut into segments at every
+    member's boundaries, and a prefix of each segment is a prefix of every member's share, so all
+    coupled layers agree. Grouped convs further split segments into blocks of their group width.
+    Any rule that keeps as many channels of every segment (KELS: a prefix; an importance criterion:
+    the top ones) gives every layer the KELS width.
     """
     cuts = {0, group.size}
     for mem in group.producers:  # consumers read whatever is kept: only producers constrain the choice
@@ -183,7 +185,44 @@ def segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[int], int |
     block = _block(graph, group)
     if block is not None:
         cuts.update(range(0, group.size, block))
-    return sorted(c for c in cuts if 0 <= c <= group.size), block
+    bounds = sorted(c for c in cuts if 0 <= c <= group.size)
+    return list(zip(bounds, bounds[1:])), block
+
+
+def segments(graph: ChannelGraph, group: CoupledGroup) -> tuple[list[int], int | None]:
+    """:func:`kels_segments` as sorted bounds ``[0, b1, ..., size]`` (what deploy/align.py reads)."""
+    pairs, block = kels_segments(graph, group)
+    return [0] + [b for _, b in pairs], block  # segments start at 0 and tile the root space
+
+
+def _kept_cells(graph: ChannelGraph, group: CoupledGroup, sr: float, round_to: int) -> set[int]:
+    """Root channels KELS keeps when the coupling permutes channels (a shuffle, a split joined back).
+
+    Root channels are sorted into *cells* by the set of layers that produce them (and, for a grouped
+    conv, the group they fall in); every cell keeps its first ceil(sr*n) in root order. A layer whose
+    channels form one cell keeps the paper's ceil(sr*C); every coupled layer agrees, because the
+    choice is made once per channel class.
+    """
+    cells: dict[tuple, list[int]] = {}
+    sig: dict[int, list] = {}
+    for members, out in ((group.producers, True), (group.consumers, False)):
+        for mem in members:
+            m = graph.layers[mem.name]
+            grouped = is_grouped(m) and mem.name not in getattr(graph, "multipliers", ())
+            per = (m.out_channels if out else m.in_channels) // m.groups if grouped else None
+            if not out and per is None:
+                continue  # a dense consumer reads whatever is kept
+            for loc, r in zip(mem.local, mem.root):
+                sig.setdefault(r, []).append((mem.name, out, loc // per if per else 0))
+    marks = getattr(group, "marks", {})  # the pieces of splits a channel passes through
+    for r in range(group.size):
+        cells.setdefault((tuple(sorted(set(sig.get(r, [])))), marks.get(r, ())), []).append(r)
+    grouped = any(is_grouped(graph.layers[m.name]) and m.name not in getattr(graph, "multipliers", ())
+                  for m in group.producers + group.consumers)
+    kept = set()
+    for roots in cells.values():
+        kept.update(roots[: kels_count(len(roots), sr, 1 if grouped else round_to)])
+    return kept
 
 
 def _block(graph: ChannelGraph, group: CoupledGroup) -> int | None:
@@ -223,8 +262,8 @@ def grouped_keeps(graph: ChannelGraph, plan: KeepPlan) -> dict[str, tuple[list[i
                 dropped_out.setdefault(p.name, set()).update(loc for loc, r in zip(p.local, p.root) if r in drop)
     out = {}
     for name, m in graph.layers.items():
-        if not is_grouped(m):
-            continue
+        if not is_grouped(m) or name in getattr(graph, "multipliers", ()):
+            continue  # a conv with one input per group loses whole groups, like a depthwise one
         g, per_in, per_out = m.groups, m.in_channels // m.groups, m.out_channels // m.groups
         d_in, d_out = dropped_in.get(name, set()), dropped_out.get(name, set())
         pos = [sorted(i % per_in for i in range(j * per_in, (j + 1) * per_in) if i not in d_in) for j in range(g)]

@@ -36,7 +36,14 @@ def cut(graph: ChannelGraph, plan: KeepPlan) -> nn.Module:
         raise SlimkitError(f"plan names layer {untraced[0]}, which the forward pass never uses; it cannot be cut")
     grouped = grouped_keeps(graph, plan)  # refuses before anything is cut
     weights = {n: graph.layers[n].weight.detach().clone() for n in grouped}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     graph.prune_groups(verdicts)
+    params = dict(model.named_parameters())
+    for name in frozen:  # torch-pruning's new parameters require grad: a frozen layer stays frozen
+        if name in params:
+            params[name].requires_grad_(False)
+    if graph.labelled:
+        _check_forward(graph)
     # torch-pruning cuts a grouped conv's input channels as if it were dense; cut its weight here:
     # (C_out, C_in/g, kh, kw) -> kept outputs x the kept positions every group keeps
     for name, (out_idx, in_pos) in grouped.items():
@@ -54,6 +61,29 @@ def cut(graph: ChannelGraph, plan: KeepPlan) -> nn.Module:
             raise SlimkitError(f"surgery could not cut layer {name} to {len(idxs)} channels (it has {width})")
     model.slimkit_plans = plans_of(model) + [plan]
     return model
+
+
+def _check_forward(graph: ChannelGraph) -> None:
+    """After a cut read from channel labels, the network must still run: a split size or slice bound
+    computed in the forward in a way no rule rewrote fails here, as a refusal instead of a crash."""
+    import torch
+
+    from slimkit.core.errors import one_line
+
+    model = graph.model
+    construct, layer = next(iter(graph.labelled.items()))
+    p = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *graph.input_shape, device=p.device if p is not None else "cpu"))
+    except Exception as exc:  # the user's forward with sizes it computed before the cut
+        raise SlimkitError(
+            f"layer {layer}: {construct}: after the cut the forward fails ({one_line(exc)}): a size the network "
+            "stores or computes does not follow the cut; slimkit cannot cut this network exactly") from None
+    finally:
+        model.train(was_training)
 
 
 def apply_plan(model: nn.Module, plan: KeepPlan, input_shape: tuple[int, ...] | None = None) -> nn.Module:

@@ -250,30 +250,47 @@ def check_same_classes(data: str, train, test) -> None:
                            "labels would not match; give both splits the same class folders")
 
 
+def has_split(root: str, split: str) -> bool:
+    """Whether the dataset directory ``root`` holds ``split`` itself (lists/{trn,val,tst}.csv or a folder)."""
+    from pathlib import Path
+
+    csv_name = {"train": "trn", "val": "val", "test": "tst"}[split]
+    return (Path(root) / "lists" / f"{csv_name}.csv").is_file() or (Path(root) / split).is_dir()
+
+
 def eval_dataset(data: str, input_shape: tuple[int, ...], meta: dict | None = None,
-                 num_classes: int | None = None) -> torch.utils.data.Dataset:
-    """The evaluation split named by a CLI ``--data`` value: 'digits' or a directory.
+                 num_classes: int | None = None, split: str = "test", subset: int | None = None,
+                 seed: int = 0) -> torch.utils.data.Dataset:
+    """A split (the test split by default) named by a CLI ``--data`` value: 'digits' or a directory,
+    preprocessed as the checkpoint's ``meta`` records, without augmentation.
 
     With ``num_classes`` (the network's outputs) the labels must fit: an ImageFolder split needs
     one folder per class (it numbers folders in sorted order, so a missing one shifts the rest).
+    ``subset`` keeps that many items, drawn with ``seed`` before any image is decoded.
     """
     c, h, w = input_shape
+    gen = torch.Generator().manual_seed(seed)
     if data == "digits":
         if h != w:
             raise SlimkitError(f"digits images are square; this network reads {h}x{w}")
-        seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
-        ds = digits("test", image_size=h, in_chans=c, seed=seed)
+        split_seed = int(((meta or {}).get("data") or {}).get("split_seed", 0))
+        ds = digits(split, image_size=h, in_chans=c, seed=split_seed)
+        if subset is not None and subset < len(ds):
+            ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=gen)[:subset].tolist())
     else:
         # the preprocessing the network was trained with; checkpoints from before it was recorded
         # were trained and evaluated with ImageNet's resize margin and normalisation
         pre = ((meta or {}).get("data") or {}).get("preprocess") or {"resize": "imagenet"}
-        ds = image_dir(data, input_shape, "test", resize=pre.get("resize", "imagenet"),
+        ds = image_dir(data, input_shape, split, resize=pre.get("resize", "imagenet"),
                        mean=tuple(pre.get("mean", IMAGENET_MEAN)), std=tuple(pre.get("std", IMAGENET_STD)),
-                       workers=default_workers()).prepare()
+                       workers=default_workers())
+        if subset is not None and subset < len(ds):
+            ds = ds.subset(torch.randperm(len(ds), generator=gen)[:subset].tolist())
+        ds = ds.prepare()
     if num_classes is not None:
         folders = getattr(ds, "classes", None)
         if folders is not None and len(folders) != num_classes:
-            raise SlimkitError(f"{data}: the test split has {len(folders)} class folders but the network has "
+            raise SlimkitError(f"{data}: the {split} split has {len(folders)} class folders but the network has "
                                f"{num_classes} classes; folders are numbered in sorted order, so every class "
                                "needs one")
         top = int(labels_of(ds).max())

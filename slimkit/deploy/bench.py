@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import atomic_write, check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.deploy.runners import Runner, make_runner, peak_memory
 
 log = logging.getLogger("slimkit")
@@ -164,6 +165,7 @@ class BenchReport:
         return format_table(self.results)
 
 
+@keep_global_state()  # module constructors draw from the global generator; runners set threads
 def bench_files(models: Sequence[Any], batch: str | Sequence[int] = (1, 8), provider: str = "cpu",
                 threads: int | None = None, input_shape: str | Sequence[int] | None = None, torch_fp16: bool = False,
                 channels_last: bool = False, source: dict[str, Any] | None = None, warmup: int = 10, runs: int = 50,

@@ -16,6 +16,7 @@ from slimkit.core.checkpoint import source
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import atomic_write, check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.deploy.bench import bench, plot
 from slimkit.deploy.export import onnx_metadata, to_verified_onnx
 from slimkit.deploy.runners import check_trial, onnx_runner, torch_runner
@@ -107,6 +108,7 @@ def default_compare_dir(ckpt: Path) -> Path:
     return ckpt.with_suffix(".compare") if ckpt.suffix else ckpt.with_name(ckpt.name + ".compare")
 
 
+@keep_global_state()  # module constructors draw from the global generator; runners set threads
 def compare(
     ckpt: str | Path | Any,
     split_rate: float | None = None,
@@ -122,12 +124,25 @@ def compare(
     num_classes: int | None = None,
     model_args: dict[str, Any] | None = None,
     profile: bool = False,
-) -> CompareReport:
+    precision: str | Sequence[str] | None = None,
+    align: int | str | None = None,
+    calib: str | None = None,
+    calib_size: int | None = None,
+    max_drop: float = 1.0,
+    ema: bool = False,
+    state_key: str | None = None,
+) -> Any:
     """Dense vs fit hypothesis of ``ckpt`` (a checkpoint file, or an ``nn.Module`` slimkit created: then
     ``out`` is required); writes compare.md/.json/.png into ``out``.
 
     ``profile`` adds ONNX Runtime's CPU kernel time by node kind for both networks at every batch
     (:mod:`slimkit.deploy.profile`): where the slim network saves less than its MACs, and why.
+
+    ``precision`` (e.g. 'fp32,fp16,int8') or ``align`` ('auto' or a multiple) makes it the deployment
+    table (:mod:`slimkit.deploy.table`, a :class:`~slimkit.deploy.table.TableReport`): dense and slim
+    (and slim padded to aligned widths) at each precision, INT8 calibrated on ``calib``, and the
+    fastest artefact whose accuracy on ``data`` is within ``max_drop`` points of dense fp32 picked.
+    ``ema``/``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`).
     """
     import torch
 
@@ -143,6 +158,16 @@ def compare(
         raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
     if profile and provider != "cpu":
         raise SlimkitError(f"--profile reads ONNX Runtime's CPU profile; it needs --provider cpu, not {provider}")
+    table = precision is not None or align is not None
+    if table:
+        from slimkit.deploy.table import check_table_request, parse_align, parse_precisions
+
+        precisions, align = parse_precisions(precision or "fp32"), parse_align(align)
+        check_table_request(precisions, provider, calib)
+        if profile:
+            raise SlimkitError("--profile goes with the dense-vs-slim report, not with --precision/--align")
+    elif calib is not None or calib_size is not None:
+        raise SlimkitError("--calib and --calib-size go with --precision ...,int8")
     out_dir = Path(out) if out is not None else default_compare_dir(ckpt)
     if out_dir.exists() and not out_dir.is_dir():
         raise SlimkitError(f"output {out_dir} exists and is not a directory")
@@ -155,7 +180,8 @@ def compare(
     elif not out_dir.parent.is_dir():
         raise SlimkitError(f"cannot create {out_dir}: directory {out_dir.parent} does not exist")
 
-    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args)
+    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args,
+                                                 ema=ema, state_key=state_key)
     fh = fit_hypothesis(src, split_rate)
     spec = spec_of(src.model)
     shape = tuple(spec.input_shape)
@@ -164,6 +190,18 @@ def compare(
         from slimkit.data.images import eval_dataset
 
         dataset = eval_dataset(data, shape, src.meta, spec.args.get("num_classes"))
+    if table:
+        from slimkit.deploy.table import deployment_table
+
+        rep = deployment_table(
+            src, fh, f"<{type(ckpt).__name__} object>" if is_object else str(ckpt), spec.arch, shape, precisions,
+            batches, dataset, data, calib, calib_size, max_drop, align, provider, threads, warmup, runs)
+        out_dir.mkdir(exist_ok=True)  # created only now: a refused run leaves nothing behind
+        text, payload = rep.markdown() + "\n", json.dumps(rep.to_json(), indent=2) + "\n"
+        atomic_write(paths["md"], lambda t: t.write_text(text), force=force)
+        atomic_write(paths["json"], lambda t: t.write_text(payload), force=force)
+        rep.plot(paths["png"], force=force)
+        return rep
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx = {}

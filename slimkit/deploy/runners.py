@@ -164,15 +164,22 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
         raise SlimkitError(f"{path} is an ONNX file; --provider torch runs checkpoints (give a .pt file) "
                            "or choose cpu, cuda or tensorrt")
     wanted = PROVIDERS[provider]
-    available = ort.get_available_providers()
-    if wanted[0] not in available:
-        raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
-                           f"{', '.join(available)}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise SlimkitError(f"{path} is not a loadable ONNX model: {one_line(exc, 160)}") from None
     props = {p.key: p.value for p in proto.metadata_props}
+    if props.get("slimkit.precision") == "int8":  # slimkit's INT8 files are made and checked for ORT's CPU provider
+        from slimkit.deploy.quantize import check_int8_provider
+
+        try:
+            check_int8_provider(provider)
+        except SlimkitError as exc:
+            raise SlimkitError(f"{path.name}: {exc}") from None
+    available = ort.get_available_providers()
+    if wanted[0] not in available:
+        raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
+                           f"{', '.join(available)}")
     inp = proto.graph.input[0]
     elem = inp.type.tensor_type.elem_type
     dtype = np.float16 if elem == onnx.TensorProto.FLOAT16 else np.float32
@@ -285,7 +292,8 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     """ONNX files run in ONNX Runtime; anything else is read as a checkpoint and runs in torch.
 
     ``fp16`` and ``channels_last`` apply to checkpoints (torch); an ONNX file's precision is its own.
-    ``source`` (arch, num_classes, model_args) says what a plain state_dict checkpoint is. An
+    ``source`` (arch, num_classes, model_args, ema, state_key) says what a plain state_dict or training
+    checkpoint is (any file :func:`slimkit.read` reads: zip or legacy torch.save, safetensors). An
     ``nn.Module`` runs in torch as it is (its input shape from ``input_shape`` or its ModelSpec).
     """
     if provider not in PROVIDERS:
@@ -301,12 +309,7 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     if not path.is_file():
         raise SlimkitError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
     threads = threads or os.cpu_count() or 1
-    with open(path, "rb") as f:
-        head = f.read(2)
-    is_zip = head == b"PK"  # torch.save files are zip archives; ONNX files are protobuf
-    if path.suffix == ".onnx" or not is_zip:
-        if path.suffix != ".onnx" and not is_zip:
-            raise SlimkitError(f"{path} is neither a .onnx file nor a PyTorch checkpoint")
+    if path.suffix == ".onnx":
         runner = onnx_runner(path, provider, threads, input_shape, batches)
     else:
         from slimkit.core.checkpoint import load

@@ -1,4 +1,5 @@
-"""The plain training loop shared by every method: SGD, cosine schedule with warm-up, per-epoch seeding.
+"""The plain supervised step every classifier-training verb runs on the epoch engine: SGD, cosine
+schedule with warm-up, per-epoch seeding, losses.
 
 Every epoch seeds its own shuffling and augmentation from (seed, generation, epoch), so a run
 resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
@@ -15,10 +16,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import seed_global
 from slimkit.data.loading import epoch_loader
+from slimkit.engine.epochs import Hooks, Step, run_epoch
 from slimkit.engine.evaluate import device_layout as _layout
 
-__all__ = ["TrainConfig", "lr_at", "epoch_seed", "train_one_epoch", "LOSSES"]
+__all__ = ["TrainConfig", "lr_at", "epoch_seed", "Supervised", "train_one_epoch", "LOSSES"]
 
 LOSSES = ("ce", "smooth", "cskd")
 CSKD_TEMPERATURE, CSKD_WEIGHT = 4.0, 1.0  # Yun et al., CVPR 2020
@@ -69,55 +72,71 @@ def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
-def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                    generation: int, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    progress: bool = False, device: str = "cpu", desc: str | None = None,
-                    extra_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One epoch of SGD; returns mean loss, train accuracy and the last learning rate.
+class Supervised(Hooks):
+    """The plain supervised step of every verb that trains a classifier (train, evolve, merge).
 
-    ``extra_loss`` (e.g. merging's gate penalty) is added to every step's task loss. A parameter
-    group with an ``lr_scale`` follows the schedule scaled by it.
+    Each epoch seeds its shuffling and augmentation from (seed, generation, epoch); the learning
+    rate follows :func:`lr_at` (a parameter group with an ``lr_scale`` follows it scaled);
+    ``extra_loss`` (e.g. merging's gate penalty) is added to every step's task loss.
     """
-    seed = epoch_seed(cfg.seed, generation, epoch)
-    torch.manual_seed(seed)  # batch augmentation draws from the global generator; per-item from (seed, item)
-    loader = epoch_loader(dataset, cfg.batch_size, seed, device)  # DDP: this rank's shard of the permutation
-    loss_fn = _loss_fn(cfg.loss)
-    pairs = _ClassPairs(dataset, seed) if cfg.loss == "cskd" else None
-    model.train()
-    total_loss = correct = seen = 0
-    it = loader
-    if progress:
+
+    def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, generation: int = 1,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
+                 device: str = "cpu", desc: str | None = None, extra_loss: Callable[[], torch.Tensor] | None = None):
+        self.model, self.dataset, self.cfg, self.generation = model, dataset, cfg, generation
+        self.augment, self.progress, self.device, self.desc, self.extra_loss = augment, progress, device, desc, extra_loss
+        self.loss_fn = _loss_fn(cfg.loss)
+        self.pairs: _ClassPairs | None = None
+        self.lr = cfg.lr
+
+    def batches(self, epoch: int):
+        seed = epoch_seed(self.cfg.seed, self.generation, epoch)
+        seed_global(seed, self.device)  # batch augmentation draws from the global generator; per-item from (seed, item)
+        loader = epoch_loader(self.dataset, self.cfg.batch_size, seed, self.device)  # DDP: this rank's shard
+        self.pairs = _ClassPairs(self.dataset, seed) if self.cfg.loss == "cskd" else None
+        if not self.progress:
+            return loader
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=f"{desc or f'gen {generation}'} epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                  unit="batch")
-    for i, (x, y) in enumerate(it):
-        step = epoch * len(loader) + i
-        lr = lr_at(cfg, step, len(loader))
+        return tqdm(loader, desc=f"{self.desc or f'gen {self.generation}'} epoch {epoch + 1}/{self.cfg.epochs}",
+                    leave=False, unit="batch")
+
+    def begin_step(self, opt, epoch: int, index: int, steps: int) -> None:
+        self.lr = lr_at(self.cfg, epoch * steps + index, steps)
         for g in opt.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = self.lr * g.get("lr_scale", 1.0)
+
+    def step(self, batch) -> Step:
+        x, y = batch
+        device, augment = self.device, self.augment
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if augment is not None:
             x = augment(x)
         with _autocast(device):
-            if pairs is None:
-                logits = model(_layout(x, device))
-                loss = loss_fn(logits, y)
+            if self.pairs is None:
+                logits = self.model(_layout(x, device))
+                loss = self.loss_fn(logits, y)
             else:
-                x2 = pairs.partners(y).to(device)  # another image of the same class for every sample
+                x2 = self.pairs.partners(y).to(device)  # another image of the same class for every sample
                 if augment is not None:
                     x2 = augment(x2)
-                logits, logits2 = model(_layout(torch.cat([x, x2]), device)).split(len(y))
+                logits, logits2 = self.model(_layout(torch.cat([x, x2]), device)).split(len(y))
                 loss = F.cross_entropy(logits, y) + cskd_term(logits, logits2.detach())
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total_loss += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1), "lr": lr}
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss()
+        return Step(loss, len(y), logits=logits, y=y)
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {"lr": self.lr}
+
+
+def train_one_epoch(model: nn.Module, dataset: Dataset, opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    generation: int, epoch: int, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    progress: bool = False, device: str = "cpu", desc: str | None = None,
+                    extra_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
+    """One epoch of :class:`Supervised` steps; returns mean loss, train accuracy and the last learning rate."""
+    hooks = Supervised(model, dataset, cfg, generation, augment, progress, device, desc, extra_loss)
+    return run_epoch(model, opt, hooks, epoch)
 
 
 def _autocast(device: str):

@@ -9,71 +9,40 @@ summaries and plots. Every write goes through :class:`RunDir`:
 - ``state.pt`` records how many metrics lines were written when it was saved. A resume cuts
   ``metrics.jsonl`` back to that count: records of work done after the last state (and a torn line)
   are dropped, and the redone work logs them again. A run killed before its first state restarts.
-- each write is a *boundary*: tests stop a run at every boundary in turn (:func:`crash_at`) and
-  check that the resumed run ends exactly like an uninterrupted one.
+- each write is a *boundary*: tests stop a run at every boundary in turn
+  (:func:`slimkit.engine.testhooks.crash_at`) and check that the resumed run ends exactly like an
+  uninterrupted one.
 
 Only rank 0 writes; every rank reads the state it resumes from.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from slimkit.core.errors import SlimkitError, one_line
 from slimkit.core.fileio import atomic_write
+from slimkit.engine.testhooks import active as _test_hook
 
-__all__ = ["RunDir", "SimulatedCrash", "crash_at", "STATE_FORMAT", "INVOCATION", "saved_invocation"]
+__all__ = ["RunDir", "STATE_FORMAT", "INVOCATION", "saved_invocation"]
 
 STATE_FORMAT = 1  # version of state.pt's layout; a newer one is refused
 
-
-class SimulatedCrash(BaseException):
-    """Raised by the test hook at a write boundary. A BaseException, so no ``except Exception`` swallows it."""
-
-
-class _Crash:
-    """Test hook: counts write boundaries; raises at boundary ``at`` (1-based), optionally mid-write."""
-
-    def __init__(self) -> None:
-        self.at: int | None = None
-        self.torn = False
-        self.count = 0
-        self.names: list[str] = []  # what each boundary wrote, in order
-
-    def boundary(self, what: str) -> None:
-        self.count += 1
-        self.names.append(what)
-        if self.at is not None and self.count == self.at:
-            raise SimulatedCrash(f"simulated crash after write #{self.count} ({what})")
-
-    def tears(self) -> bool:
-        """True when the next boundary is the crash point and the write itself should be torn."""
-        return self.torn and self.at is not None and self.count + 1 == self.at
-
-
-_CRASH = _Crash()
 
 # The command line that started a run (the verb's flags), recorded in config.json under "cli" so that
 # `--resume DIR` needs no flags retyped. Set by the CLI around a verb; library calls leave it unset.
 INVOCATION: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("invocation", default=None)
 
 
-@contextlib.contextmanager
-def crash_at(n: int | None, torn: bool = False) -> Iterator[_Crash]:
-    """Within the block, the ``n``-th write boundary raises :class:`SimulatedCrash` (None: never; the
-    hook then only counts, ``.count`` after the block). ``torn``: the crashing write is left half done
-    (half a metrics line, or an atomic write's temporary file without its rename)."""
-    _CRASH.at, _CRASH.torn, _CRASH.count, _CRASH.names = n, torn, 0, []
-    try:
-        yield _CRASH
-    finally:
-        _CRASH.at, _CRASH.torn = None, False
+def _boundary(what: str) -> None:
+    hook = _test_hook()
+    if hook is not None:
+        hook.boundary(what)
 
 
 def _stale(path: Path) -> bool:
@@ -183,16 +152,17 @@ class RunDir:
         if not self.main:
             return
         line = json.dumps(record) + "\n"
+        hook = _test_hook()
         with open(self.metrics, "a") as f:
-            if _CRASH.tears():
+            if hook is not None and hook.tears():
                 f.write(line[: len(line) // 2])
                 f.flush()
-                _CRASH.boundary("metrics line, torn")
+                hook.boundary("metrics line, torn")
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self._lines += 1
-        _CRASH.boundary("metrics line")
+        _boundary("metrics line")
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
         """The records logged so far (all ranks can read them; rank 0 wrote them)."""
@@ -209,13 +179,8 @@ class RunDir:
         return self._atomic(name, lambda tmp: tmp.write_text(text))
 
     def write_figure(self, name: str, fig, dpi: int = 110) -> Path:
-        """Save a matplotlib figure atomically, and close it."""
-        import matplotlib.pyplot as plt
-
-        try:
-            return self._atomic(name, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(name).suffix[1:]))
-        finally:
-            plt.close(fig)
+        """Save a matplotlib figure (:func:`slimkit.core.plots.figure`, no pyplot state to close) atomically."""
+        return self._atomic(name, lambda tmp: fig.savefig(tmp, dpi=dpi, format=Path(name).suffix[1:]))
 
     def save_model(self, model: torch.nn.Module, name: str, **meta: Any) -> Path:
         """A self-describing checkpoint (``slimkit.save``, itself atomic) inside the run directory."""
@@ -224,17 +189,18 @@ class RunDir:
         path = self.out / name
         path.parent.mkdir(exist_ok=True)
         save(model, path, force=True, **meta)
-        _CRASH.boundary(name)
+        _boundary(name)
         return path
 
     def _atomic(self, name: str, writer: Callable[[Path], None]) -> Path:
         path = self.out / name
-        if _CRASH.tears():  # the temporary file is written but never renamed into place
+        hook = _test_hook()
+        if hook is not None and hook.tears():  # the temporary file is written but never renamed into place
             tmp = path.with_name(f".{path.name}.torn.tmp")
             writer(tmp)
-            _CRASH.boundary(f"{name}, torn")
+            hook.boundary(f"{name}, torn")
         atomic_write(path, writer, force=True)
-        _CRASH.boundary(name)
+        _boundary(name)
         return path
 
 

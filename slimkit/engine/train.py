@@ -10,17 +10,16 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import keep_global_state, seed_global
 from slimkit.data.augment import resolve_augment
 from slimkit.data.loading import check_workers
 from slimkit.data.select import datasets, num_classes_of
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
-from slimkit.engine.epochs import StopAfter, input_kwargs, run_epochs
+from slimkit.engine.epochs import Phase, input_kwargs, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
-from slimkit.engine.loop import TrainConfig, make_optimizer, prepare_model
+from slimkit.engine.loop import Supervised, TrainConfig, make_optimizer, prepare_model
 from slimkit.engine.rundir import RunDir
 from slimkit.models import create_model, input_shape_of
 
@@ -57,26 +56,27 @@ class TrainRunConfig:
 
 
 def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
-          _stop_after_epochs: int | None = None) -> dict[str, Any]:
+          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0) -> dict[str, Any]:
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
-    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it.
+    Torch's global generators, thread count and cudnn flags are left as they were."""
     workers = check_workers(workers)
-    device = resolve_device(device)  # before the group: the chosen device picks its backend
-    with process_group(device) as (rank, world):
-        return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                      StopAfter(_stop_after_epochs), rank, world, device, workers)
+    with keep_global_state():
+        device = resolve_device(device)  # before the group: the chosen device picks its backend
+        with process_group(device) as (rank, world):
+            return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
+                          rank, world, device, workers)
 
 
-def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, stop: StopAfter,
+def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
            rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
     run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0).check()
     kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
     shape = input_shape_of(cfg.arch, **kwargs)
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
-    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
+    seed_global(cfg.train.seed, device)  # the initial weights are part of the seeded run
     model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     run.begin()
@@ -89,11 +89,17 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo, s
         start = int(run.state["epochs_done"])
         echo(f"{out} has run all {start} epochs; writing its outputs again from state.pt" if start >= cfg.train.epochs
              else f"resuming {out} at epoch {start + 1}")
-    finished = run_epochs(
-        net=net, model=model, train=train_ds, test=test, opt=opt, cfg=cfg.train, phase="train", start=start,
-        run=run, progress=progress, eval_every=cfg.eval_every,
-        augment=train_ds.batch_augment, stop=stop, device=device,
-        state=lambda done: {"epochs_done": done, "model": model.state_dict(), "optimizer": opt.state_dict()})
+    hooks = Supervised(net, train_ds, cfg.train, augment=train_ds.batch_augment, progress=progress, device=device,
+                       desc="train")
+
+    def end_epoch(epoch: int, record: dict[str, Any]) -> None:
+        if run.main:
+            evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.train.epochs
+            log_epoch(run, {"kind": "epoch", "phase": "train", "epoch": epoch + 1, **record},
+                      (lambda: {"test_acc": accuracy(model, test, device=device)}) if evaluate else None,
+                      lambda: {"epochs_done": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict()})
+
+    finished = run_phases([Phase("train", cfg.train.epochs, lambda done: (net, opt, hooks), end_epoch)], done=start)
     if not finished or not run.main:
         return {}
     acc = accuracy(model, test, device=device)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from slimkit.core.cost import count_params
+from slimkit.core.globalstate import seed_global
+from slimkit.engine.epochs import Hooks, Step, run_epochs
 from slimkit.methods.den import steps as D
 from slimkit.methods.den.tasks import Task, score
 from slimkit.models import create_model
@@ -22,7 +24,7 @@ def all_params(net) -> dict[str, None]:
 
 
 def new_net(cfg: DENConfig, heads: tuple[int, ...], seed: int, device: str = "cpu"):
-    torch.manual_seed(seed)  # built on the CPU: the same initial weights on every device
+    seed_global(seed)  # built on the CPU: the same initial weights on every device
     io = dict(heads=heads, image_size=cfg.image_size, in_chans=1 if cfg.data == "digits" else 3)
     if cfg.channels:
         return create_model("den_conv", channels=cfg.channels, hidden=cfg.hidden, **io).to(device)
@@ -79,25 +81,33 @@ def stl(tasks: list[Task], cfg: DENConfig, R: list[list[float]], device: str = "
     return sizes
 
 
+class _Joint(Hooks):
+    """MTL's step: one batch of every task (as long as it has batches left), the tasks' losses summed."""
+
+    def __init__(self, net, tasks: list[Task], batch_size: int, seed: int, device: str):
+        self.net, self.tasks, self.batch_size, self.device = net, tasks, batch_size, device
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batches(self, epoch: int):
+        iters = [iter(DataLoader(t.train, batch_size=self.batch_size, shuffle=True, generator=self.gen)) for t in self.tasks]
+        for _ in range(max(math.ceil(len(t.train) / self.batch_size) for t in self.tasks)):
+            yield [next(it, None) for it in iters]
+
+    def step(self, batch) -> Step:
+        loss, n = 0.0, 0
+        for t, b in enumerate(batch, 1):
+            if b is None:
+                continue
+            x, y = b
+            loss = loss + F.cross_entropy(self.net(x.to(self.device), t), y.to(self.device))
+            n += len(y)
+        return Step(loss, n)
+
+
 def mtl(tasks: list[Task], cfg: DENConfig, device: str = "cpu") -> tuple[list[float], int]:
     """Joint training on every task at once: one shared body, a head per task, summed losses."""
     net = new_net(cfg, tuple(t.classes for t in tasks), cfg.seed, device)
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    net.train()
-    for _ in range(cfg.epochs):
-        iters = [iter(DataLoader(t.train, batch_size=cfg.batch_size, shuffle=True, generator=gen)) for t in tasks]
-        steps = max(math.ceil(len(t.train) / cfg.batch_size) for t in tasks)
-        for _ in range(steps):
-            loss = 0.0
-            for t, it in enumerate(iters, 1):
-                batch = next(it, None)
-                if batch is None:
-                    continue
-                x, y = batch
-                loss = loss + F.cross_entropy(net(x.to(device), t), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    run_epochs(net, opt, _Joint(net, tasks, cfg.batch_size, cfg.seed, device), range(cfg.epochs))
     return [score(net, j, tasks[j - 1]) for j in range(1, len(tasks) + 1)], (count_params(net),
                                                                             count_params(net, nonzero=True))

@@ -35,6 +35,7 @@ from torch.utils.data import TensorDataset
 
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import keep_global_state
 from slimkit.methods.den import steps as D
 from slimkit.methods.den.baselines import all_params, mtl, new_net, sequential, stl
 from slimkit.methods.den.tasks import Task, make_tasks, score
@@ -215,27 +216,29 @@ def _metrics(R: list[list[float]]) -> dict[str, float]:
     return {"average": sum(R[-1]) / len(R[-1]), "forgetting": forgetting, "bwt": -forgetting}
 
 
+@keep_global_state()
 def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = log.info,
-            resume: bool = False, _stop_after: int | None = None, device: str = "cpu") -> dict[str, Any] | None:
+            resume: bool = False, device: str = "cpu") -> dict[str, Any] | None:
     """Learn the task sequence with DEN and the baselines; write the run directory; return the summary.
 
     ``device``: cpu, cuda or auto (as the other training verbs; DEN runs in one process).
 
     ``resume`` continues a run in ``out`` after its last finished task or baseline (same settings);
-    it ends with the same results and networks as an uninterrupted run. ``_stop_after`` simulates a
-    crash after that many tasks and baselines (for the resume test) and returns None.
+    it ends with the same results and networks as an uninterrupted run. Torch's global generators,
+    thread count and cudnn flags are left as they were. Returns None when a test hook
+    (:func:`slimkit.engine.testhooks.stop_after`, counting tasks and baselines) stopped the run.
     """
     from slimkit.core.checkpoint import load
     from slimkit.engine.distributed import resolve_device
-    from slimkit.engine.epochs import StopAfter
     from slimkit.engine.rundir import RunDir
+    from slimkit.engine.testhooks import active
 
     out = Path(out)
     device = resolve_device(device)
     tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)  # refuses bad specs before writing
     run = RunDir(out, "den", cfg.to_json(), resume).check()
     run.begin()
-    stop = StopAfter(_stop_after)
+    hook = active()
     t0 = time.perf_counter()
     net = new_net(cfg, (), cfg.seed, device)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -277,8 +280,8 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         echo(f"task {t}/{len(tasks)} ({task.name}): {'AUROC' if task.binary else 'acc'} {100 * R[-1][-1]:.2f}, "
              f"average so far {100 * sum(R[-1]) / t:.2f}; selected {rec['selected']}, added {rec['added']}, "
              f"pruned {rec['pruned']}, duplicated {rec['duplicated']}; widths {rec['widths']}")
-        if stop.tick():
-            return None
+        if hook is not None and hook.passed_point():
+            return None  # stopped by a test hook, as a crash would
     for b in cfg.baselines:
         if b in results:
             continue
@@ -301,8 +304,8 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
         checkpoint_state()
         echo(f"baseline {b}: average {100 * results[b]['average']:.2f}"
              + (f", forgetting {100 * results[b]['forgetting']:.2f}" if results[b]["forgetting"] is not None else ""))
-        if stop.tick():
-            return None
+        if hook is not None and hook.passed_point():
+            return None  # stopped by a test hook, as a crash would
     results = {"den": {"R": R, **_metrics(R), "params": count_params(net), "nonzero": count_params(net, True),
                        "params_per_task": [r["params"] for r in per_task]},
                **{b: results[b] for b in cfg.baselines}}

@@ -8,29 +8,26 @@ Each step is a function of the network and one task's data, so each is tested on
 - :func:`remove_units`: physically remove units through a KeepPlan and the one surgery;
 - :func:`drift` and :func:`split_units`: units whose incoming weights moved more than sigma are
   duplicated; the old copy gets its task-(t-1) weights back, the copy keeps the new ones;
-- :func:`fit`: SGD on chosen weight entries only (gradient masks) with the penalties the steps use:
-  L1 and group lasso as proximal steps (so they reach exact zeros), L2, and L2 to reference weights.
+- :func:`train_task` (:mod:`slimkit.methods.den.fit`, re-exported here): SGD on chosen weight entries only
+  (gradient masks) with the penalties the steps use: L1 and group lasso as proximal steps (so they
+  reach exact zeros), L2, and L2 to reference weights.
 
 Old units always keep their row index: new units are appended, and removal only ever drops
 units added in the current task, so a snapshot of task t-1 compares by slicing.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.plan import KeepPlan
+from slimkit.methods.den.fit import CLIP, Penalties, task_loss, train_task  # noqa: F401 (re-exported: DEN's steps in one place)
 from slimkit.models import ModelSpec
 from slimkit.models.den_net import DENNet
-
-CLIP = 5.0  # gradient-norm clip of every DEN training step
 
 __all__ = ["refresh_spec", "add_head", "select_units", "grow", "remove_units", "snapshot", "drift",
            "split_units", "task_network", "new_unit_masks", "selected_masks", "train_task", "Penalties", "dead_units",
@@ -322,105 +319,3 @@ def split_units(net: DENNet, snap: Mapping[str, torch.Tensor], sigma: float, tas
                 net.heads[j] = wide
     refresh_spec(net)
     return dup
-
-
-# --- training ---------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Penalties:
-    l1: float = 0.0  # proximal soft-threshold on the trainable weights (hidden layers and heads)
-    l2: float = 0.0  # l2 * ||W||^2 on the trainable hidden weights
-    l2_to: float = 0.0  # l2_to * ||W - W_ref||^2 (weights and biases) on the trainable entries the reference has
-    group: float = 0.0  # proximal group lasso on the incoming rows of units stamped `task`
-    ewc: float = 0.0  # ewc/2 * sum F (W - W_ref)^2 (elastic weight consolidation baseline)
-    ref: Mapping[str, torch.Tensor] | None = None
-    fisher: Mapping[str, torch.Tensor] | None = None
-
-
-def train_task(net: DENNet, task: int, data: Dataset, masks: Mapping[str, torch.Tensor | None], epochs: int,
-        lr: float = 0.01, batch_size: int = 32, penalties: Penalties | None = None, seed: int = 0) -> float:
-    """Train head ``task`` (timestamped forward) changing only the entries ``masks`` allow.
-
-    A mask of None frees the whole parameter; parameters not named stay frozen. Returns the mean
-    training loss of the last epoch (task loss only)."""
-    pen = penalties or Penalties()
-    params = dict(net.named_parameters())
-    train = {n: params[n] for n in masks}
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for p in train.values():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(list(train.values()), lr=lr, momentum=0.9)
-    gen = torch.Generator().manual_seed(seed)
-    dev = next(net.parameters()).device  # batches go where the network is
-    hidden_w = [n for n in train if n.startswith("hidden.") and n.endswith(".weight")]
-    hidden_all = [n for n in train if n.startswith("hidden.")]
-    l1_names = [n for n in train if n.endswith(".weight")]  # L1 reaches the heads too (a sparse head selects)
-    last = float("nan")
-    net.train()
-    try:
-        for _ in range(epochs):
-            total = seen = 0
-            for x, y in DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen):
-                x, y = x.to(dev), y.to(dev)
-                loss = F.cross_entropy(net(x, task), y)
-                reg = loss
-                for n in hidden_w if pen.l2 else ():
-                    w, m = train[n], masks[n]
-                    reg = reg + pen.l2 * ((w if m is None else w * m) ** 2).sum()
-                for n in hidden_all if (pen.l2_to or pen.ewc) and pen.ref is not None else ():
-                    # weights *and* biases: anchoring only the weights lets the biases drift instead
-                    if n not in pen.ref:
-                        continue
-                    r, m = pen.ref[n], masks[n]
-                    old = tuple(slice(0, k) for k in r.shape)  # the entries that existed in the reference
-                    d = train[n][old] - r
-                    if m is not None:
-                        d = d * m[old]
-                    if pen.l2_to:
-                        reg = reg + pen.l2_to * (d ** 2).sum()
-                    if pen.ewc and pen.fisher is not None and n in pen.fisher:
-                        reg = reg + 0.5 * pen.ewc * (pen.fisher[n] * d ** 2).sum()
-                opt.zero_grad(set_to_none=True)
-                reg.backward()
-                for n, p in train.items():
-                    if masks[n] is not None and p.grad is not None:
-                        p.grad.mul_(masks[n].to(p.grad.dtype))
-                if not torch.isfinite(reg):
-                    raise SlimkitError(f"training task {task} diverged (loss {float(reg)}); lower --lr")
-                # a step of at most norm CLIP: one-vs-rest digits diverged to NaN without it (seed 2, task 9)
-                torch.nn.utils.clip_grad_norm_(list(train.values()), CLIP)
-                opt.step()
-                with torch.no_grad():
-                    for n in l1_names if pen.l1 else ():
-                        w, m = train[n], masks[n]
-                        shrunk = torch.sign(w) * (w.abs() - lr * pen.l1).clamp_min(0)
-                        w.copy_(shrunk if m is None else torch.where(m, shrunk, w))
-                    for n in hidden_w if pen.group else ():
-                        w, i = train[n], int(n.split(".")[1])
-                        rows = net.stamps()[i] == task
-                        norms = w[rows].flatten(1).norm(dim=1)
-                        scale = (1 - lr * pen.group / norms.clamp_min(1e-12)).clamp_min(0)
-                        w[rows] = w[rows] * scale.view(-1, *([1] * (w.dim() - 1)))
-                        b = train.get(f"hidden.{i}.bias")
-                        if b is not None:  # a unit whose group is zero outputs nothing: its bias goes too
-                            b[rows] = torch.where(scale.flatten() == 0, torch.zeros_like(b[rows]), b[rows])
-                total += float(loss.detach()) * len(y)
-                seen += len(y)
-            last = total / max(seen, 1)
-    finally:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        net.eval()
-    return last
-
-
-@torch.no_grad()
-def task_loss(net: DENNet, task: int, data: Dataset) -> float:
-    net.eval()
-    dev = next(net.parameters()).device
-    total = seen = 0
-    for x, y in DataLoader(data, batch_size=512):
-        total += float(F.cross_entropy(net(x.to(dev), task), y.to(dev), reduction="sum"))
-        seen += len(y)
-    return total / max(seen, 1)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import keep_global_state, seed_global
 from slimkit.core.graph import ChannelGraph, prunable_layers
 from slimkit.core.plan import (
     apply_masks,
@@ -35,14 +36,9 @@ from slimkit.data.augment import resolve_augment
 from slimkit.data.loading import check_workers
 from slimkit.data.select import datasets, num_classes_of
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
-from slimkit.engine.epochs import input_kwargs
+from slimkit.engine.epochs import Phase, input_kwargs, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
-from slimkit.engine.loop import (
-    TrainConfig,
-    make_optimizer,
-    prepare_model,
-    train_one_epoch,
-)
+from slimkit.engine.loop import Supervised, TrainConfig, make_optimizer, prepare_model
 from slimkit.engine.rundir import RunDir
 from slimkit.models import create_model, input_shape_of
 
@@ -107,30 +103,30 @@ def _model_kwargs(cfg: EvolveConfig) -> dict[str, Any]:
     return input_kwargs(cfg.arch, cfg.data, cfg.image_size)
 
 
-def _build(cfg: EvolveConfig, num_classes: int) -> nn.Module:
-    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the seeded run
+def _build(cfg: EvolveConfig, num_classes: int, device: str) -> nn.Module:
+    seed_global(cfg.train.seed, device)  # the initial weights are part of the seeded run
     return create_model(cfg.arch, num_classes=num_classes, **_model_kwargs(cfg))
 
 
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
-           echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
-           _stop_after_epochs: int | None = None) -> list[dict[str, Any]]:
+           echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0) -> list[dict[str, Any]]:
     """Run (or resume) Knowledge Evolution; returns one record per generation.
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
     evaluates and writes every file. ``workers``: loader processes for image sets (None:
-    slimkit.data.loading.default_workers()); results do not depend on it.
+    slimkit.data.loading.default_workers()); results do not depend on it. Torch's global generators,
+    thread count and cudnn flags are left as they were.
     """
     workers = check_workers(workers)
-    device = resolve_device(device)  # before the group: the chosen device picks its backend
-    with process_group(device) as (rank, world):
-        return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                       _stop_after_epochs, rank, world, device, workers)
+    with keep_global_state():
+        device = resolve_device(device)  # before the group: the chosen device picks its backend
+        with process_group(device) as (rank, world):
+            return _evolve(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
+                           rank, world, device, workers)
 
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
-            _stop_after_epochs: int | None, rank: int, world: int, device: str = "cpu",
-            workers: int = 0) -> list[dict[str, Any]]:
+            rank: int, world: int, device: str = "cpu", workers: int = 0) -> list[dict[str, Any]]:
     run = RunDir(out, "evolve", cfg.to_json(), resume, main=rank == 0).check()
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
     train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed,
@@ -138,13 +134,12 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
     num_classes = num_classes_of(train, test, cfg.num_classes)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     run.begin()
-    model = _build(cfg, num_classes)
+    model = _build(cfg, num_classes, device)
     shape = model.slimkit_spec.input_shape
     graph = ChannelGraph(model, shape)
     plan = kels_plan(graph, cfg.split_rate, cfg.round_to) if cfg.split_mode == "kels" else None
     masks = plan_masks(graph, plan) if plan is not None else wels_masks(model, cfg.split_rate, seed=cfg.train.seed)
     del graph
-    augment = train.batch_augment
     tc = cfg.train
 
     gen, epoch_done, opt_state = 1, 0, None
@@ -157,67 +152,71 @@ def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Ca
         else:
             echo(f"resuming {out} at generation {gen}, epoch {epoch_done + 1}")
     records = run.records("generation")
-
     net = ddp(prepare_model(model, device), world)
-    epochs_run = 0
-    while gen <= cfg.generations:
-        t0 = time.perf_counter()
-        if gen > 1 and epoch_done == 0:  # a fresh generation: keep the fit hypothesis, redraw the rest
-            reinit_reset(model, masks, torch.Generator().manual_seed(cfg.train.seed * 7919 + gen))
-        opt = make_optimizer(net, tc)  # every generation starts with a fresh optimizer and schedule
-        if opt_state is not None:  # resumed inside a generation: its optimizer as it was
-            opt.load_state_dict(opt_state)
-            opt_state = None
-        last: dict[str, Any] = {}  # the last epoch's record: a generation's last epoch is always evaluated
-        for epoch in range(epoch_done, tc.epochs):
-            te = time.perf_counter()
-            stats = train_one_epoch(net, train, opt, tc, gen, epoch, augment=augment, progress=progress, device=device)
-            train_s = time.perf_counter() - te
-            epochs_run += 1
+    cur: dict[str, Any] = {}  # this generation's optimizer, start time and last epoch record
+
+    def generation(g: int) -> Phase:
+        def begin(done: int):
+            cur.update(t0=time.perf_counter(), last={})  # a generation's last epoch is always evaluated
+            if g > 1 and done == 0:  # a fresh generation: keep the fit hypothesis, redraw the rest
+                reinit_reset(model, masks, torch.Generator().manual_seed(tc.seed * 7919 + g))
+            cur["opt"] = opt = make_optimizer(net, tc)  # every generation starts with a fresh optimizer and schedule
+            if done and opt_state is not None:  # resumed inside a generation: its optimizer as it was
+                opt.load_state_dict(opt_state)
+            return net, opt, Supervised(net, train, tc, g, train.batch_augment, progress, device)
+
+        def end_epoch(epoch: int, record: dict[str, Any]) -> None:
             if run.main:
-                last = _log_epoch(cfg, model, masks, test, run, opt, gen, epoch, stats, train_s, te, device)
-            if _stop_after_epochs is not None and epochs_run >= _stop_after_epochs:
-                return records  # simulated crash on every rank, for the resume tests
-        if not run.main:
-            gen, epoch_done = gen + 1, 0
-            continue
-        dense_acc = last["dense_acc"] if "dense_acc" in last else accuracy(model, test, device=device)
-        if plan is not None:
-            fit = prepare_model(apply_plan(_on_cpu(model), plan), device)  # surgery traces on the CPU
-            fit_acc = accuracy(fit, test, device=device)
-        else:
-            fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device)
-        run.save_model(model, f"gen{gen}/last.pt", split=_split_meta(cfg),
-                       metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
-                       data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
-                             "preprocess": train.preprocess},
-                       provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
-        rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
-               "seconds": time.perf_counter() - t0}
-        run.log(rec)
-        records.append(rec)
-        echo(f"generation {gen}/{cfg.generations}: dense {100 * dense_acc:.2f}%  fit hypothesis "
-             f"({cfg.split_mode.upper()} {cfg.split_rate:g}) {100 * fit_acc:.2f}%  [{rec['seconds']:.1f} s]")
-        _write_summary(run, cfg, records)
-        gen, epoch_done = gen + 1, 0
-        # the next generation starts with a fresh optimizer: no optimizer state crosses the boundary
-        run.save_state({"generation": gen, "epochs_done": 0, "model": model.state_dict(), "optimizer": None})
+                cur["last"] = _log_epoch(cfg, model, masks, test, run, cur["opt"], g, epoch, record, device)
+
+        def end() -> None:
+            if run.main:
+                records.append(_end_generation(cfg, model, plan, masks, test, run, g, cur, records, echo, train.preprocess,
+                                               shape, device))
+        return Phase(f"generation {g}", tc.epochs, begin, end_epoch, end)
+
+    run_phases([generation(g) for g in range(1, cfg.generations + 1)], gen - 1, epoch_done)  # False: a test stopped it
     return records
 
 
+def _end_generation(cfg: EvolveConfig, model: nn.Module, plan, masks, test, run: RunDir, gen: int, cur: dict[str, Any],
+                    records: list[dict[str, Any]], echo, preprocess, shape, device: str) -> dict[str, Any]:
+    """Rank 0 at a generation's end: dense and fit-hypothesis accuracy, checkpoint, summary, boundary state."""
+    last = cur["last"]
+    dense_acc = last["dense_acc"] if "dense_acc" in last else accuracy(model, test, device=device)
+    if plan is not None:
+        fit = prepare_model(apply_plan(_on_cpu(model), plan), device)  # surgery traces on the CPU
+        fit_acc = accuracy(fit, test, device=device)
+    else:
+        fit_acc = accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device)
+    run.save_model(model, f"gen{gen}/last.pt", split=_split_meta(cfg),
+                   metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
+                   data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+                         "preprocess": preprocess},
+                   provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
+    rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
+           "seconds": time.perf_counter() - cur["t0"]}
+    run.log(rec)
+    echo(f"generation {gen}/{cfg.generations}: dense {100 * dense_acc:.2f}%  fit hypothesis "
+         f"({cfg.split_mode.upper()} {cfg.split_rate:g}) {100 * fit_acc:.2f}%  [{rec['seconds']:.1f} s]")
+    _write_summary(run, cfg, [*records, rec])
+    # the next generation starts with a fresh optimizer: no optimizer state crosses the boundary
+    run.save_state({"generation": gen + 1, "epochs_done": 0, "model": model.state_dict(), "optimizer": None})
+    return rec
+
+
 def _log_epoch(cfg: EvolveConfig, model: nn.Module, masks: dict[str, torch.Tensor], test, run: RunDir, opt,
-               gen: int, epoch: int, stats: dict[str, float], train_s: float, t0: float, device: str) -> dict[str, Any]:
+               gen: int, epoch: int, record: dict[str, Any], device: str) -> dict[str, Any]:
     """Rank 0 after an epoch: evaluate (every ``eval_every`` epochs), log, and save the resume state."""
     # per epoch the fit hypothesis is evaluated as the masked network: for KELS its outputs equal
     # the extracted network's (the surgery invariant) and it needs no tracing
-    record = {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **stats}
+    evaluate = None
     if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-        record.update(dense_acc=accuracy(model, test, device=device),
-                      fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
-    run.log({**record, "train_seconds": train_s, "seconds": time.perf_counter() - t0})
-    run.save_state({"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(),
-                    "optimizer": opt.state_dict()})
-    return record
+        evaluate = lambda: dict(dense_acc=accuracy(model, test, device=device),  # noqa: E731
+                                fit_acc=accuracy(apply_masks(copy.deepcopy(model), masks), test, device=device))
+    return log_epoch(run, {"kind": "epoch", "generation": gen, "epoch": epoch + 1, **record}, evaluate,
+                     lambda: {"generation": gen, "epochs_done": epoch + 1, "model": model.state_dict(),
+                              "optimizer": opt.state_dict()})
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:

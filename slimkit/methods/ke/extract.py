@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from slimkit.core.checkpoint import Loaded, save, source, state_dict_bytes
-from slimkit.core.cost import MacCounter, count_params
+from slimkit.core.cost import MacCounter, count_params, example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import check_output
+from slimkit.core.globalstate import keep_global_state
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import (
     KeepPlan,
@@ -25,7 +26,7 @@ from slimkit.core.plan import (
 from slimkit.core.surgery import cut
 from slimkit.models import spec_of
 
-__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "extract", "default_output", "SPLIT_MODES"]
+__all__ = ["ExtractReport", "FitHypothesis", "fit_hypothesis", "verify_slim", "extract", "default_output", "SPLIT_MODES"]
 
 SPLIT_MODES = ("kels", "wels")
 # Refuse to write when slim and masked dense differ by more, relative to max |logit|. The two are
@@ -54,6 +55,7 @@ class ExtractReport:
     verify_batch: int
     seconds: float
     verify_dtype: str = "float64"  # float32 only for a network without float64 kernels
+    source_weights: str | None = None  # the entry of a training checkpoint the weights came from (e.g. state_dict_ema)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -63,6 +65,7 @@ class ExtractReport:
     def table(self) -> str:
         shape = "x".join(map(str, self.input_shape))
         rate = f", split rate {self.split_rate:g}" if self.split_rate is not None else ""
+        weights = f", weights {self.source_weights}" if self.source_weights else ""
         rows = [
             ("parameters", f"{self.dense['params']:,}", f"{self.slim['params']:,}", self.slim["params"] / self.dense["params"]),
             (f"MACs @ {shape}", _si(self.dense["macs"]), _si(self.slim["macs"]), self.slim["macs"] / self.dense["macs"]),
@@ -70,7 +73,8 @@ class ExtractReport:
         ]
         w0 = max(len(r[0]) for r in rows)
         lines = [
-            f"{self.arch} ({self.source_kind} checkpoint {self.source}): {self.split_mode.upper()} fit hypothesis{rate}",
+            f"{self.arch} ({self.source_kind} checkpoint {self.source}{weights}): {self.split_mode.upper()} fit "
+            f"hypothesis{rate}",
             f"{'':{w0}}  {'dense':>14}  {'slim':>14}  {'slim/dense':>10}",
         ]
         lines += [f"{a:{w0}}  {b:>14}  {c:>14}  {r:>10.3f}" for a, b, c, r in rows]
@@ -165,11 +169,10 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
     masked = apply_masks(copy.deepcopy(dense), fit_masks)
     cut(graph, plan)
 
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(verify_batch, *spec.input_shape, generator=gen)
+    x = example_input(dense, spec.input_shape, verify_batch, torch.Generator().manual_seed(seed))
     with torch.inference_mode(), MacCounter(masked) as dense_macs, MacCounter(slim) as slim_macs:
         masked(x), slim(x)  # masked has the dense network's shapes, so its MACs
-    max_abs, max_rel, dtype = _verify(masked, slim, x)
+    max_abs, max_rel, dtype = verify_slim(masked, slim, x)
     bound = VERIFY_RTOL if dtype == "float64" else VERIFY_RTOL_FP32
     if not max_rel <= bound:  # also catches NaN
         raise SlimkitError(
@@ -180,7 +183,7 @@ def fit_hypothesis(src: Loaded, split_rate: float | None, seed: int = 0, verify_
                          verify_batch, round_to, dtype)
 
 
-def _verify(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
+def verify_slim(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> tuple[float, float, str]:
     """max |slim(x) - masked(x)|, relative to max |masked(x)|, and the dtype compared in (``masked`` is a
     throwaway copy; ``slim`` is left in float32)."""
     try:
@@ -196,6 +199,7 @@ def _verify(masked: torch.nn.Module, slim: torch.nn.Module, x: torch.Tensor) -> 
     return max_abs, max_abs / max(float(y_ref.abs().max()), 1e-12), dtype
 
 
+@keep_global_state()  # rebuilding a network draws its throw-away init from the global generator
 def extract(
     ckpt: str | Path | torch.nn.Module,
     split_rate: float | None = None,
@@ -208,12 +212,15 @@ def extract(
     seed: int = 0,
     verify_batch: int = 2,
     input_shape: tuple[int, ...] | None = None,
+    ema: bool = False,
+    state_key: str | None = None,
 ) -> ExtractReport:
     """Cut the KELS fit hypothesis out of ``ckpt``, verify it, write it, and report dense vs slim.
 
     For an official Knowledge Evolution checkpoint the masks in the file define the split and
     ``split_rate`` may be omitted (when given, it must agree with them). ``input_shape`` (C, H, W)
     overrides the default input of a plain state_dict's model source (e.g. a timm model's config).
+    ``ema`` takes a training checkpoint's EMA weights, ``state_key`` names the entry holding the weights.
     """
     t0 = time.perf_counter()
     is_object = isinstance(ckpt, torch.nn.Module)
@@ -234,13 +241,15 @@ def extract(
     out = Path(out) if out is not None else default_output(ckpt)
     check_output(out, force, inputs=() if is_object else (ckpt,))
 
-    src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape)
+    src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape,
+                 **({} if is_object else {"ema": ema, "state_key": state_key}))
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff
     meta = {
         "split": {"mode": "kels", "rate": sr, **({"round_to": fh.round_to} if fh.round_to > 1 else {})},
-        "provenance": {"source": _name(ckpt), "source_sha256": src.sha256, "source_kind": src.kind},
+        "provenance": {"source": _name(ckpt), "source_sha256": src.sha256, "source_kind": src.kind,
+                       **({"source_weights": src.meta["weights"]} if src.meta.get("weights") else {})},
         "verified": {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "batch": verify_batch, "seed": seed,
                      "dtype": fh.verify_dtype},
     }
@@ -253,5 +262,5 @@ def extract(
         dense={"params": count_params(dense), "macs": fh.dense_macs, "bytes": state_dict_bytes(dense)},
         slim={"params": count_params(slim), "macs": fh.slim_macs, "bytes": out.stat().st_size},
         max_abs_diff=max_abs, max_rel_diff=max_rel, verify_batch=verify_batch,
-        seconds=time.perf_counter() - t0, verify_dtype=fh.verify_dtype,
+        seconds=time.perf_counter() - t0, verify_dtype=fh.verify_dtype, source_weights=src.meta.get("weights"),
     )

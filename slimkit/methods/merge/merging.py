@@ -24,11 +24,12 @@ from torch import nn
 
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import keep_global_state, seed_global
 from slimkit.data.select import datasets, num_classes_of
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
-from slimkit.engine.epochs import StopAfter, run_epochs
+from slimkit.engine.epochs import Phase, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
-from slimkit.engine.loop import Optimizers, TrainConfig, make_optimizer, prepare_model
+from slimkit.engine.loop import Optimizers, Supervised, TrainConfig, make_optimizer, prepare_model
 from slimkit.engine.rundir import RunDir
 
 log = logging.getLogger("slimkit")
@@ -76,7 +77,8 @@ class MergeConfig:
         return dataclasses.asdict(self)
 
 
-def _read_teachers(teachers: list, arch: str | None, num_classes: int | None):
+def _read_teachers(teachers: list, arch: str | None, num_classes: int | None, ema: bool = False,
+                   state_key: str | None = None):
     """The two teachers: checkpoint paths, or networks slimkit created (``nn.Module`` objects)."""
     from slimkit.core.checkpoint import source
 
@@ -87,32 +89,35 @@ def _read_teachers(teachers: list, arch: str | None, num_classes: int | None):
     if a is b or (not any(objects) and Path(a).resolve() == Path(b).resolve()):
         raise SlimkitError(f"both teachers are {a if not objects[0] else 'the same network'}; merging needs two "
                            "independently trained networks")
-    return [source(t, arch=arch, num_classes=num_classes) for t in teachers]
+    return [source(t, arch=arch, num_classes=num_classes, ema=ema, state_key=state_key) for t in teachers]
 
 
 def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | Path, resume: bool = False,
           arch: str | None = None, num_classes: int | None = None, progress: bool = True,
           echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
-          _stop_after_epochs: int | None = None) -> dict[str, Any]:
+          ema: bool = False, state_key: str | None = None) -> dict[str, Any]:
     """Run (or resume) a merge of two teachers (checkpoint paths or networks slimkit created); returns the
     summary record (accuracies and parameter counts).
 
-    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it."""
+    ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it.
+    ``ema``/``state_key`` pick the teachers' weights in training checkpoints (see :func:`slimkit.read`).
+    Torch's global generators, thread count and cudnn flags are left as they were."""
     from slimkit.data.loading import check_workers
 
     workers = check_workers(workers)
-    device = resolve_device(device)  # before the group: the chosen device picks its backend
-    with process_group(device) as (rank, world):
-        return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                      echo if rank == 0 else (lambda s: None), StopAfter(_stop_after_epochs), rank, world, device,
-                      workers)
+    with keep_global_state():
+        device = resolve_device(device)  # before the group: the chosen device picks its backend
+        with process_group(device) as (rank, world):
+            return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
+                          echo if rank == 0 else (lambda s: None), rank, world, device, workers, ema, state_key)
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
-           stop: StopAfter, rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
-    from slimkit.methods.merge.transform import GatedStudent, compress, concat_teachers
+           rank: int, world: int, device: str, workers: int = 0, ema: bool = False,
+           state_key: str | None = None) -> dict[str, Any]:
+    from slimkit.methods.merge.transform import GatedStudent, concat_teachers
 
-    loaded = _read_teachers(paths, arch, num_classes)
+    loaded = _read_teachers(paths, arch, num_classes, ema, state_key)
     ta, tb = (ld.model for ld in loaded)
     try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
         big = concat_teachers(ta, tb)
@@ -128,7 +133,6 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         raise SlimkitError(f"the teachers have {spec.args.get('num_classes')} classes but {cfg.data} has {classes}")
     barrier(world)
     run.begin()
-    augment = train_ds.batch_augment
 
     if run.state is None and run.main:  # a new run, or one stopped before its first state: start from the teachers
         for m in (ta, tb, big):
@@ -152,40 +156,64 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
         else:
             echo(f"resuming {out} in the {st['phase']} phase at epoch {int(st['epochs_done']) + 1}")
 
-    # --- importance learning -----------------------------------------------------------------
-    torch.manual_seed(cfg.gate.seed)
+    seed_global(cfg.gate.seed, device)
     gated = GatedStudent(big)
-    if st["phase"] == "gates":
+    cur: dict[str, Any] = {}  # what the phases hand on: the optimizer, lambda, the compressed student
+    phases = [_gate_phase(cfg, gated, ta, train_ds, test, run, st, cur, config, echo, progress, world, device),
+              _finetune_phase(cfg, spec, train_ds, test, run, st, cur, progress, world, device)]
+    if not run_phases(phases, 0 if st["phase"] == "gates" else 1, int(st["epochs_done"])) or not run.main:
+        return {}  # stopped by a test hook (as a crash would), or a rank that writes nothing
+    student = cur["student"]
+    acc = accuracy(student, test, device=device)
+    run.save_model(student, "last.pt", metrics={"test_acc": acc},
+                   data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0,
+                         "preprocess": train_ds.preprocess},
+                   provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
+    summary = _summary(run, cfg, spec.arch, run.records(), acc, count_params(student))
+    echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "
+         f"{100 * summary['teacher_b']:.2f}%)  -> {out / 'last.pt'}")
+    return summary
+
+
+def _gate_phase(cfg: MergeConfig, gated, ta, train_ds, test, run: RunDir, st: dict[str, Any], cur: dict[str, Any],
+                config, echo, progress: bool, world: int, device: str) -> Phase:
+    """Importance learning: weights by SGD, log alpha by Adam, the half-open penalty growing every epoch;
+    at its end the gated student is compressed to the teachers' size."""
+    from slimkit.methods.merge.transform import compress
+
+    def begin(done: int):
         net = ddp(prepare_model(gated, device), world)
         weights = [p for n, p in gated.named_parameters() if not n.startswith("log_alpha")]
         sgd = torch.optim.SGD(weights, lr=cfg.gate.lr, momentum=cfg.gate.momentum, weight_decay=cfg.gate.weight_decay)
         adam = torch.optim.Adam(gated.log_alpha.parameters(), lr=cfg.gate_lr, weight_decay=0.0)
         adam.param_groups[0]["lr_scale"] = cfg.gate_lr / cfg.gate.lr
-        opt = Optimizers(sgd, adam)
-        lam = [cfg.lambda_init]
+        cur["opt"] = opt = Optimizers(sgd, adam)
+        cur["lambda"] = cfg.lambda_init
         if run.state is not None:
             gated.load_state_dict(st["model"])
             opt.load_state_dict(st["optimizer"])
-            lam = [float(st["lambda"])]
+            cur["lambda"] = float(st["lambda"])
+        return net, opt, Supervised(net, train_ds, cfg.gate, 1, train_ds.batch_augment, progress, device, "gates",
+                                    extra_loss=lambda: cur["lambda"] * gated.penalty())
 
-        def on_epoch(epoch: int, record: dict[str, Any]) -> None:
-            with torch.no_grad():
-                penalty = float(gated.penalty())
-            record.update(**{"lambda": lam[0]}, penalty=penalty,
-                          open_fraction=dict(zip(gated.group_names(), gated.open_fraction())),
-                          p_open=float(torch.cat([p.detach() for p in gated.p_open()]).mean()))
-            lam[0] += cfg.lambda_step * math.sqrt(lam[0])
+    def end_epoch(epoch: int, record: dict[str, Any]) -> None:
+        lam = cur["lambda"]
+        with torch.no_grad():  # on every rank: lambda is training state
+            penalty = float(gated.penalty())
+        extra = {"lambda": lam, "penalty": penalty, "open_fraction": dict(zip(gated.group_names(), gated.open_fraction())),
+                 "p_open": float(torch.cat([p.detach() for p in gated.p_open()]).mean())}
+        cur["lambda"] = lam + cfg.lambda_step * math.sqrt(lam)
+        if run.main:
+            evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.gate.epochs
+            log_epoch(run, {"kind": "epoch", "phase": "gates", "epoch": epoch + 1, **record, **extra},
+                      (lambda: {"test_acc": accuracy(gated, test, device=device)}) if evaluate else None,
+                      lambda: {"phase": "gates", "epochs_done": epoch + 1, "model": gated.state_dict(),
+                               "optimizer": cur["opt"].state_dict(), "lambda": cur["lambda"]})
 
-        finished = run_epochs(
-            net=net, model=gated, train=train_ds, test=test, opt=opt, cfg=cfg.gate, phase="gates",
-            start=int(st["epochs_done"]), run=run, progress=progress, eval_every=cfg.eval_every,
-            augment=augment, extra_loss=lambda: lam[0] * gated.penalty(), on_epoch=on_epoch, stop=stop, device=device,
-            state=lambda done: {"phase": "gates", "epochs_done": done, "model": gated.state_dict(),
-                                "optimizer": opt.state_dict(), "lambda": lam[0]})
-        if not finished:
-            return {}
+    def end() -> None:
         gated.to("cpu", memory_format=torch.contiguous_format)  # surgery traces on the CPU
         student, plan = compress(gated, ta)
+        cur["student"], cur["fresh"] = student, True
         if run.main:
             rec = {"kind": "compressed", "gated": accuracy(prepare_model(gated, device), test, device=device),
                    "compressed": accuracy(prepare_model(student, device), test, device=device),
@@ -196,35 +224,37 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
             echo(f"gated student {100 * rec['gated']:.2f}%, compressed to the teachers' size "
                  f"{100 * rec['compressed']:.2f}% ({rec['params']:,} parameters)")
             run.save_state({"phase": "finetune", "epochs_done": 0, "model": student.state_dict(), "optimizer": None})
-        st = {"phase": "finetune", "epochs_done": 0}
-    else:
-        from slimkit.models import create_model
 
-        student = create_model(spec.arch, **spec.args)
-        student.load_state_dict(st["model"])
+    return Phase("gates", cfg.gate.epochs, begin, end_epoch, end)
 
-    # --- fine-tuning -------------------------------------------------------------------------
-    net = ddp(prepare_model(student, device), world)
-    opt = make_optimizer(net, cfg.finetune)
-    if st.get("optimizer") is not None:
-        opt.load_state_dict(st["optimizer"])
-    finished = run_epochs(
-        net=net, model=student, train=train_ds, test=test, opt=opt, cfg=cfg.finetune, phase="finetune",
-        start=int(st["epochs_done"]), run=run, progress=progress, eval_every=cfg.eval_every,
-        augment=augment, stop=stop, generation=2, device=device,  # its own per-epoch seeds, not the gate phase's
-        state=lambda done: {"phase": "finetune", "epochs_done": done, "model": student.state_dict(),
-                            "optimizer": opt.state_dict()})
-    if not finished or not run.main:
-        return {}
-    acc = accuracy(student, test, device=device)
-    run.save_model(student, "last.pt", metrics={"test_acc": acc},
-                   data={"name": cfg.data, "image_size": h, "in_chans": c, "split_seed": 0,
-                         "preprocess": train_ds.preprocess},
-                   provenance={"recipe": "slimkit merge: fine-tuned student", "config": config})
-    summary = _summary(run, cfg, spec.arch, run.records(), acc, count_params(student))
-    echo(f"merged student after fine-tuning: {100 * acc:.2f}% (teachers {100 * summary['teacher_a']:.2f}% / "
-         f"{100 * summary['teacher_b']:.2f}%)  -> {out / 'last.pt'}")
-    return summary
+
+def _finetune_phase(cfg: MergeConfig, spec, train_ds, test, run: RunDir, st: dict[str, Any], cur: dict[str, Any],
+                    progress: bool, world: int, device: str) -> Phase:
+    """Fine-tuning of the compressed student with the normal loop (its own per-epoch seeds: generation 2)."""
+
+    def begin(done: int):
+        if "student" not in cur:  # resumed in this phase: the student as state.pt holds it
+            from slimkit.models import create_model
+
+            cur["student"] = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
+            cur["student"].load_state_dict(st["model"])
+        student = cur["student"]
+        net = ddp(prepare_model(student, device), world)
+        cur["opt"] = opt = make_optimizer(net, cfg.finetune)
+        if not cur.get("fresh") and st.get("optimizer") is not None:
+            opt.load_state_dict(st["optimizer"])
+        return net, opt, Supervised(net, train_ds, cfg.finetune, 2, train_ds.batch_augment, progress, device, "finetune")
+
+    def end_epoch(epoch: int, record: dict[str, Any]) -> None:
+        if run.main:
+            student = cur["student"]
+            evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.finetune.epochs
+            log_epoch(run, {"kind": "epoch", "phase": "finetune", "epoch": epoch + 1, **record},
+                      (lambda: {"test_acc": accuracy(student, test, device=device)}) if evaluate else None,
+                      lambda: {"phase": "finetune", "epochs_done": epoch + 1, "model": student.state_dict(),
+                               "optimizer": cur["opt"].state_dict()})
+
+    return Phase("finetune", cfg.finetune.epochs, begin, end_epoch)
 
 
 def _summary(run: RunDir, cfg: MergeConfig, arch: str, records: list[dict[str, Any]], final: float,

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from slimkit.core.cost import example_input
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, CoupledGroup
 from slimkit.core.plan import KeepPlan
@@ -55,6 +56,10 @@ def mergeable_graph(model: nn.Module, input_shape: tuple[int, ...] | None = None
             raise SlimkitError(f"layer {name}: {type(m).__name__} is not supported by merging; "
                                "supported: dense Conv2d, Linear, BatchNorm, activations, pooling")
     graph = ChannelGraph(model, input_shape)
+    for construct, layer in graph.labelled.items():  # shuffles, splits, fixed filters, layer scale
+        raise SlimkitError(
+            f"layer {layer}: {construct}, which merging cannot widen exactly (the student's channels must stay "
+            "[teacher A | teacher B] everywhere); supported: cifar_resnet, resnet18/34/50, vgg11_bn/16_bn, small_vgg, mlp")
     names = {m: n for n, m in model.named_modules()}
     for node in graph.dg.module2node.values():
         kind = getattr(getattr(node, "type", None), "name", "")
@@ -165,7 +170,7 @@ def concat_teachers(a: nn.Module, b: nn.Module, atol: float = 1e-5) -> nn.Module
         _concat_into(big, a, b, graph)
     big.slimkit_spec, big.slimkit_concat = sa, 2
     big.eval()
-    x = torch.randn(4, *sa.input_shape, generator=torch.Generator().manual_seed(0))
+    x = example_input(a, sa.input_shape, 4, torch.Generator().manual_seed(0))  # where the teachers live
     with torch.no_grad():
         want = (a(x) + b(x)) / 2
         got = big(x)
@@ -320,7 +325,7 @@ def compress(gated: GatedStudent, teacher_like: nn.Module, keep_fraction: float 
     slim = apply_plan(net.eval(), plan, spec.input_shape)
     from slimkit.models import create_model
 
-    out = create_model(spec.arch, **spec.args)
+    out = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)  # the teachers' input, not the default
     own, got = out.state_dict(), slim.state_dict()
     bad = [k for k in own if k not in got or tuple(got[k].shape) != tuple(own[k].shape)]
     if bad:
