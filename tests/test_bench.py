@@ -11,7 +11,7 @@ import torch
 
 from slimkit import create_model, save
 from slimkit.deploy.bench import bench
-from slimkit.deploy.export import export_onnx
+from slimkit.deploy.exporting import export_onnx
 from slimkit.deploy.runners import MemoryCounter, Runner, make_runner
 
 

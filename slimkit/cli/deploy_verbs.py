@@ -50,7 +50,7 @@ def align_value(text: str) -> int | str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from slimkit.deploy.export import export_onnx
+    from slimkit.deploy.exporting import export_onnx
 
     report = export_onnx(
         args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,

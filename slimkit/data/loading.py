@@ -1,4 +1,8 @@
-"""Batches of an epoch (seeded order, loader processes) and labels read without loading images."""
+"""Batches of an epoch (seeded order, loader processes) and labels read without loading images.
+
+:class:`SeededItems` is what a dataset with per-item work (images.py's ``Images``, augment.py's
+``Augmented``) derives from: ``epoch_loader`` hands it ``(index, epoch seed)`` keys and keeps its
+loader processes on it, so this module imports no dataset."""
 from __future__ import annotations
 
 import torch
@@ -40,6 +44,18 @@ def labels_of(ds) -> torch.Tensor:
     raise TypeError(f"cannot read the labels of {type(ds).__name__}")
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """A dataset whose items are read by ``(index, epoch seed)`` keys: ``epoch_loader`` loads it in
+    ``workers`` persistent processes (held on the dataset, never pickled with it) when it has per-item
+    work (``transform``, or no decoded ``pixels``), each item's augmentation seeded from its key."""
+
+    transform = None  # per-item geometry (torchvision v2) or None
+    workers = 0  # loader processes epoch_loader may start
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
+
+
 class _EpochOrder(torch.utils.data.Sampler):
     """The items of one epoch, in order, keyed with the epoch's seed; replaced every epoch (persistent workers)."""
 
@@ -64,11 +80,8 @@ def epoch_loader(dataset: torch.utils.data.Dataset, batch_size: int, seed: int, 
     """
     from torch.utils.data import DataLoader
 
-    from slimkit.data.augment import Augmented
-    from slimkit.data.images import Images
-
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not isinstance(dataset, (Images, Augmented)):
+    if not isinstance(dataset, SeededItems):
         if distributed:
             from torch.utils.data.distributed import DistributedSampler
 

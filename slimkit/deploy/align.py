@@ -74,9 +74,9 @@ def _dense_source(model: nn.Module) -> nn.Module:
     spec = spec_of(model)
     dense = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
     if getattr(model, "slimkit_concat", 1) == 2:
-        from slimkit.methods.merge.transform import widen
+        from slimkit.core.widen import widen
 
-        widen(dense)
+        widen(dense, spec.input_shape)
     return dense
 
 
@@ -198,7 +198,7 @@ def align_network(model: nn.Module, multiple: int, verify: bool = True) -> nn.Mo
         dense_idx = _dense_source(model)
         _fill_indices(dense_idx)
         slim_idx = copy.deepcopy(dense_idx)
-        for plan in plans:  # cut exactly as the slim network was (core/checkpoint.py rebuilds it so)
+        for plan in plans:  # cut exactly as the slim network was (models/checkpoint.py rebuilds it so)
             cut(ChannelGraph(slim_idx, shape), plan)
         graph = ChannelGraph(dense_idx, shape)
         plan = aligned_plan(graph, _kept_outputs(dense_idx, slim_idx), multiple)

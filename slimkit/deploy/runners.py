@@ -299,7 +299,7 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     if provider not in PROVIDERS:
         raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
     if isinstance(path, torch.nn.Module):
-        from slimkit.core.checkpoint import from_module
+        from slimkit.models.checkpoint import from_module
 
         model = from_module(path, input_shape).model
         return check_trial(torch_runner(model, type(path).__name__, "cpu" if provider in ("torch", "cpu") else provider,
@@ -312,7 +312,7 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     if path.suffix == ".onnx":
         runner = onnx_runner(path, provider, threads, input_shape, batches)
     else:
-        from slimkit.core.checkpoint import load
+        from slimkit.models.checkpoint import load
 
         model = load(path, **(source or {}), plain_only=True)  # the flags describe plain state_dicts only
         runner = torch_runner(model, path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,
