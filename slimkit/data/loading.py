@@ -8,18 +8,14 @@ from __future__ import annotations
 import torch
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import usable_cpus
 
 
 def default_workers() -> int:
     """Loader processes when --workers is not given: one per CPU this process may use, less one, at most 8;
     none below 4 CPUs, where a loader process takes a core from the training step (measured on 2 cores:
     benchmarks/results/data_paths.md)."""
-    import os
-
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
+    n = usable_cpus()
     return 0 if n < 4 else min(8, n - 1)
 
 

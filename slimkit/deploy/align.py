@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import usable_cpus
 from slimkit.core.graph import ChannelGraph, prunable_layers
 from slimkit.core.plan import KeepPlan, segments
 from slimkit.core.surgery import cut, plans_of
@@ -285,7 +285,7 @@ def choose_alignment(
         runners = []
         for c, net in nets.items():
             if provider == "torch":
-                r = torch_runner(net, f"align{c}", "cpu", threads or os.cpu_count() or 1, shape)
+                r = torch_runner(net, f"align{c}", "cpu", threads or usable_cpus(), shape)
             else:
                 v = to_verified_onnx(net, shape, opset or DEFAULT_OPSET, reference=model)
                 path = Path(tmp) / f"align{c}.onnx"
