@@ -133,7 +133,8 @@ def den_cell(root: str, size: str, seed: int, args, tmp: Path, have: dict | None
     """DEN on permuted:5 (each variant of DEN_VARIANTS not in ``have``) and, in the first run, its baselines."""
     import torch
 
-    from slimkit.methods.den.sequence import DENConfig, run_den
+    from slimkit.methods.den.config import DENConfig
+    from slimkit.methods.den.sequence import run_den
 
     out, t0 = dict(have or {}), time.time()
     for i, (name, over) in enumerate(DEN_VARIANTS.items()):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from slimkit.methods.den.sequence import DENConfig, run_den
+from slimkit.methods.den.config import DENConfig
+from slimkit.methods.den.sequence import run_den
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

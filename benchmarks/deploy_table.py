@@ -59,12 +59,12 @@ def save_table(rep, tag: str, out: Path, command: str, extra: str = "", load: st
 
 
 def resnet18(args, tmp: Path) -> None:
-    from slimkit.core.checkpoint import read
     from slimkit.deploy.bench import bench
     from slimkit.deploy.export import to_verified_onnx
     from slimkit.deploy.quantize import Int8Settings, choose_int8_settings, cpu_flags, quantize_model
     from slimkit.deploy.runners import check_trial, onnx_runner
-    from slimkit.methods.ke.extract import fit_hypothesis
+    from slimkit.models.checkpoint import read
+    from slimkit.models.hypothesis import fit_hypothesis
 
     torch.manual_seed(0)
     ck = slimkit.save(slimkit.create_model("resnet18", num_classes=1000), tmp / "resnet18.pt")
@@ -118,11 +118,11 @@ def resnet18(args, tmp: Path) -> None:
 
 
 def digits(args, tmp: Path) -> None:
-    from slimkit.core.checkpoint import read
     from slimkit.data.digits import digits as digits_set
     from slimkit.deploy.export import to_verified_onnx
     from slimkit.deploy.quantize import choose_int8_settings, cpu_flags, ort_accuracy, quantize_model
-    from slimkit.methods.ke.extract import fit_hypothesis
+    from slimkit.models.checkpoint import read
+    from slimkit.models.hypothesis import fit_hypothesis
 
     ck = ROOT / "models" / "digits_resnet20_ke.pt"
     load = load_average()

@@ -6,7 +6,7 @@
 For each model: built on the meta device first (a refusal needs no weights: its reason and time to
 refusal are recorded), otherwise with random weights and random BN statistics, then the KELS fit
 hypothesis at split rate 0.5 is cut and verified against the masked dense network
-(`slimkit.methods.ke.extract.fit_hypothesis`, what `slimkit extract` runs after reading the file) in a warm
+(`slimkit.models.hypothesis.fit_hypothesis`, what `slimkit extract` runs after reading the file) in a warm
 process (a resnet18 extraction runs first), recording its time, the parameter and MAC ratios and
 the verified error. Inputs: 3 x SIZE x SIZE (inception_v3 at least 80, alexnet/VGG 224).
 Writes benchmarks/results/zoo[_TAG].{md,json}; the whole table also slimkit/_data/zoo.json (what
@@ -35,10 +35,10 @@ from test_zoo import ARGS, TIMM_CUT, TIMM_REFUSED  # noqa: E402  the same model 
 MIN_224 = {"alexnet", "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "timm/vgg11"}
 
 import slimkit  # noqa: E402
-from slimkit.core.checkpoint import Loaded  # noqa: E402
 from slimkit.core.errors import SlimkitError  # noqa: E402
 from slimkit.core.graph import ChannelGraph  # noqa: E402
-from slimkit.methods.ke.extract import fit_hypothesis  # noqa: E402
+from slimkit.models.checkpoint import Loaded  # noqa: E402
+from slimkit.models.hypothesis import fit_hypothesis  # noqa: E402
 
 
 def _cpu() -> str:

@@ -16,9 +16,9 @@ _EXPORTS = {
     "create_model": "slimkit.models.registry",
     "list_models": "slimkit.models.registry",
     "register_model": "slimkit.models.registry",
-    "save": "slimkit.core.checkpoint",
-    "load": "slimkit.core.checkpoint",
-    "read": "slimkit.core.checkpoint",
+    "save": "slimkit.models.checkpoint",
+    "load": "slimkit.models.checkpoint",
+    "read": "slimkit.models.checkpoint",
     # plans and the one surgery
     "KeepPlan": "slimkit.core.plan",
     "kels_plan": "slimkit.core.plan",
@@ -33,7 +33,7 @@ _EXPORTS = {
     "count_macs": "slimkit.core.cost",
     # one function per verb; each takes paths or network objects where the verb reads a network
     "extract": "slimkit.methods.ke.extract",
-    "export": "slimkit.deploy.export:export_onnx",
+    "export": "slimkit.deploy.exporting:export_onnx",
     "bench": "slimkit.deploy.bench:bench_files",
     "compare": "slimkit.deploy.compare",
     "train": "slimkit.engine.train",
@@ -44,7 +44,7 @@ _EXPORTS = {
     "merge": "slimkit.methods.merge.merging",
     "MergeConfig": "slimkit.methods.merge.merging",
     "den": "slimkit.methods.den.sequence:run_den",
-    "DENConfig": "slimkit.methods.den.sequence",
+    "DENConfig": "slimkit.methods.den.config",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -21,7 +21,7 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph, is_grouped, prunable_layers
 from slimkit.core.plan import kels_plan
 from slimkit.deploy.align import align_network, choose_alignment, layer_widths
-from slimkit.deploy.export import export_onnx
+from slimkit.deploy.exporting import export_onnx
 
 SMALL = (3, 32, 32)
 # (arch, input shape, constructs it covers); torchvision nets at a small input, the slow ones marked

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from slimkit import create_model, save
 from slimkit.deploy.bench import bench
-from slimkit.deploy.export import export_onnx
+from slimkit.deploy.exporting import export_onnx
 from slimkit.deploy.runners import MemoryCounter, Runner, make_runner
 
 
@@ -205,3 +206,17 @@ def test_tensorrt_that_cannot_start_says_why_and_keeps_the_table_clean(files):
     assert "TensorRT libraries" in warning  # ORT's reason, not only the fact
     assert "libnvinfer" in r.stderr  # ORT's own load error is shown, not silenced
     assert "EP Error" not in r.stdout and "| a.onnx | CPUExecutionProvider | 1 |" in r.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only")
+def test_default_threads_are_the_cpus_this_process_may_use(cli, files):
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip("needs 2 CPUs to tell the affinity mask from the machine's core count")
+    try:  # as in a container or under `taskset -c 0`: one CPU of the machine's several
+        os.sched_setaffinity(0, {min(allowed)})
+        r = cli("bench", files / "a.onnx", "--batch", "1", "--runs", "2", "--warmup", "1", "--json")
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert r.code == 0, r.err
+    assert {x["threads"] for x in json.loads(r.out)["results"]} == {1}

@@ -180,7 +180,7 @@ def test_a_split_size_the_cut_cannot_follow_is_refused_and_nothing_is_written(tm
 
 
 def test_merging_refuses_a_network_whose_coupling_needs_labels():
-    from slimkit.methods.merge.transform import mergeable_graph
+    from slimkit.core.widen import mergeable_graph
 
     with pytest.raises(SlimkitError) as info:
         mergeable_graph(Split(), SHAPE)

@@ -291,7 +291,7 @@ def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
 
 
 def test_a_slim_network_that_is_not_the_masked_one_is_refused_and_nothing_written(cli, ckpt, tmp_path, monkeypatch):
-    import slimkit.methods.ke.extract as X
+    import slimkit.models.hypothesis as X
 
     real_cut = X.cut
 

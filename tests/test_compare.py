@@ -41,9 +41,9 @@ def test_compare_on_the_bundled_digits_model(cli, tmp_path):
 
 def test_compare_notes_unaligned_widths(tmp_path):
     """sr 0.8 of widths 16/32/64 gives 13/26/52: the report says so, and what to do about it."""
-    from slimkit.core.checkpoint import read
     from slimkit.deploy.compare import unaligned_widths
-    from slimkit.methods.ke.extract import fit_hypothesis
+    from slimkit.models.checkpoint import read
+    from slimkit.models.hypothesis import fit_hypothesis
 
     ck = save(create_model("cifar_resnet", depth=8, width=16, num_classes=3), tmp_path / "m.pt")
     fh = fit_hypothesis(read(ck), 0.8)

@@ -124,8 +124,8 @@ def test_evolve_runs_on_a_ke_layout_dataset(cli, tmp_path):
 
 def test_bundled_ke_checkpoint_fit_hypothesis_keeps_its_accuracy():
     """The KE-trained demo: its extracted fit hypothesis (25% of the parameters) scores what the file records."""
-    from slimkit.core.checkpoint import read
-    from slimkit.methods.ke.extract import fit_hypothesis
+    from slimkit.models.checkpoint import read
+    from slimkit.models.hypothesis import fit_hypothesis
 
     path = DEMO.with_name("digits_resnet20_ke.pt")
     fh = fit_hypothesis(read(path), 0.5)

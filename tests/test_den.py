@@ -11,7 +11,8 @@ from slimkit import create_model, load
 from slimkit.core.errors import SlimkitError
 from slimkit.engine.testhooks import stop_after
 from slimkit.methods.den import steps as D
-from slimkit.methods.den.sequence import DENConfig, run_den
+from slimkit.methods.den.config import DENConfig
+from slimkit.methods.den.sequence import run_den
 from slimkit.methods.den.tasks import auroc, make_tasks
 
 

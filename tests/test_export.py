@@ -14,7 +14,7 @@ from slimkit import apply_plan, create_model, list_models, load, save
 from slimkit.core.errors import SlimkitError
 from slimkit.core.graph import ChannelGraph
 from slimkit.core.plan import kels_plan
-from slimkit.deploy.export import export_onnx
+from slimkit.deploy.exporting import export_onnx
 
 
 def _shape(name):

@@ -102,7 +102,8 @@ def _library(verb: str) -> list:
     from slimkit.deploy.export import export_onnx
     from slimkit.engine.loop import TrainConfig
     from slimkit.engine.train import TrainRunConfig, train
-    from slimkit.methods.den.sequence import DENConfig, run_den
+    from slimkit.methods.den.config import DENConfig
+    from slimkit.methods.den.sequence import run_den
     from slimkit.methods.ke.evolve import EvolveConfig, evolve
     from slimkit.methods.ke.extract import extract
     from slimkit.methods.merge.merging import MergeConfig, merge

@@ -99,7 +99,7 @@ def test_int8_export_from_an_image_folder(cli, cifar_ckpt, tmp_path):
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"input": np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)})[0]
     assert y.shape == (3, 2) and np.isfinite(y).all()
-    from slimkit.deploy.export import ExportReport
+    from slimkit.deploy.exporting import ExportReport
 
     assert "accuracy was not checked (no --data)" in ExportReport(**rep).summary()
     # bench runs it on the CPU provider, and refuses a GPU provider its U8 activations were not made for

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from slimkit import SlimkitError, count_params, create_model, load, save
-from slimkit.core.checkpoint import from_module
 from slimkit.core.graph import prunable_layers
-from slimkit.methods.ke.extract import fit_hypothesis
 from slimkit.methods.routes.slim import slim_network
+from slimkit.models.checkpoint import from_module
+from slimkit.models.hypothesis import fit_hypothesis
 
 CASES = {  # id: (arch, constructor args, input shape or None)
     "cifar_resnet": ("cifar_resnet", {"depth": 8, "width": 8, "in_chans": 1, "image_size": 8, "num_classes": 7}, None),

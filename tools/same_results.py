@@ -24,7 +24,8 @@ IGNORED = ("seconds", "train_seconds", "teacher_paths")  # timings, and the teac
 def runs(out: Path) -> None:
     from slimkit.engine.loop import TrainConfig
     from slimkit.engine.train import TrainRunConfig, train
-    from slimkit.methods.den.sequence import DENConfig, run_den
+    from slimkit.methods.den.config import DENConfig
+    from slimkit.methods.den.sequence import run_den
     from slimkit.methods.ke.evolve import EvolveConfig, evolve
     from slimkit.methods.merge.merging import MergeConfig, merge
 

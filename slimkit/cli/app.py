@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Sequence
 
-from slimkit.cli import deploy_verbs, train_verbs
+import slimkit.cli.deploy_verbs as deploy_verbs  # the verb modules themselves, not the package (which imports this one)
+import slimkit.cli.train_verbs as train_verbs
 from slimkit.cli.options import Parser
 
 __all__ = ["main", "build_parser"]

@@ -50,7 +50,7 @@ def align_value(text: str) -> int | str:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from slimkit.deploy.export import export_onnx
+    from slimkit.deploy.exporting import export_onnx
 
     if args.out is None:
         return fail("export", "the following arguments are required: -o/--out")

@@ -109,7 +109,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_den(args: argparse.Namespace) -> int:
-    from slimkit.methods.den.sequence import DENConfig, run_den
+    from slimkit.methods.den.config import DENConfig
+    from slimkit.methods.den.sequence import run_den
 
     hidden, channels = (312, 128), ()
     kind, _, widths = args.arch.partition(":")

@@ -1,6 +1,7 @@
 """Process-wide settings a library call must leave as it found them (STYLE.md: no hidden global state).
 
-:func:`keep_global_state` wraps every verb: torch's global generators (CPU, and the CUDA devices the
+:func:`usable_cpus` is the default thread count of every timing, and :func:`keep_global_state`
+wraps every verb: torch's global generators (CPU, and the CUDA devices the
 call uses), the thread count and the cudnn / matmul flags are restored when it returns or raises.
 Inside, :func:`seed_global` seeds the generators that module constructors and the digits' batch
 shift draw from; it touches only the CPU generator and, on CUDA, the current device's (where
@@ -13,7 +14,18 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["keep_global_state", "seed_global"]
+__all__ = ["keep_global_state", "seed_global", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (a container's or taskset's limit), not the
+    machine's core count, which ``os.cpu_count()`` gives. Default thread count of every timing."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def seed_global(seed: int, device: str = "cpu") -> None:

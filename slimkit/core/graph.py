@@ -128,7 +128,7 @@ class ChannelGraph:
         self.group_of = {p.name: g for g in self.groups for p in g.producers}
 
     def _trace_labels(self) -> None:
-        from slimkit.core import channelmap, labelcut
+        from slimkit.core import channelmap
 
         try:
             self.trace = channelmap.trace_labels(self.model, self.input_shape)
@@ -138,7 +138,7 @@ class ChannelGraph:
             raise SlimkitError(
                 f"cannot trace the network at input shape {list(self.input_shape)}: {one_line(exc)}"
             ) from exc
-        self.groups = labelcut.label_groups(self.trace, self.layers)
+        self.groups = _label_groups(self.trace, self.layers)
         self.multipliers = self.trace.multipliers
 
     def _trace_dependencies(self, tp) -> None:
@@ -255,3 +255,67 @@ class ChannelGraph:
         root = self.layers[group.root]
         pruner = self.dg.get_pruner_of_module(root)
         self.dg.get_pruning_group(root, pruner.prune_out_channels, sorted(drop_root)).prune()
+
+
+# --- coupled groups from a channel-label trace (channelmap.py) -------------------------------------
+
+def _label_groups(trace, layers: dict[str, nn.Module]) -> list[CoupledGroup]:
+    """Coupled groups from a label trace (channelmap.LabelTrace): producers sharing a channel class are one
+    group; a group's root index enumerates its classes by (first producer, that producer's channel)."""
+    from slimkit.core.channelmap import PINNED
+
+    order = {n: i for i, n in enumerate(layers)}
+    prod = {n: trace.classes(trace.produced[n]) for n in sorted(trace.produced, key=order.get) if n in layers}
+    read = {n: trace.classes(lab) for n, lab in trace.read.items() if n in layers}
+    parent = {n: n for n in prod}
+
+    def find(n):
+        while parent[n] != n:
+            parent[n] = n = parent[parent[n]]
+        return n
+
+    owner: dict[int, str] = {}
+    for n, classes in prod.items():
+        for c in classes:
+            if c in owner:
+                a, b = find(n), find(owner[c])
+                if a != b:
+                    parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
+            else:
+                owner[c] = n
+    marks = _split_marks(trace)
+    comps: dict[str, list[str]] = {}
+    for n in prod:
+        comps.setdefault(find(n), []).append(n)
+    groups = []
+    for members in comps.values():
+        roots: dict[int, int] = {}
+        for n in members:
+            for c in prod[n]:
+                roots.setdefault(c, len(roots))
+        producers = tuple(_member(n, prod[n], roots) for n in members)
+        consumers = tuple(_member(n, cl, roots) for n, cl in read.items() if any(c in roots for c in cl))
+        g = CoupledGroup(members[0], len(roots), producers, consumers, pinned=PINNED in roots)
+        object.__setattr__(g, "classes", tuple(roots))  # root index -> class, for the cut
+        object.__setattr__(g, "marks", {roots[c]: m for c, m in marks.items() if c in roots})  # split pieces
+        groups.append(g)
+    return groups
+
+
+def _split_marks(trace) -> dict[int, tuple]:
+    """For every channel class, the (split, piece) pairs it passes through."""
+    marks: dict[int, list] = {}
+    for k, (_, _, pieces, labels) in enumerate(trace.splits):
+        classes = trace.classes(labels)
+        start = 0
+        for j, w in enumerate(pieces):
+            for c in classes[start:start + w]:
+                if c >= 0:
+                    marks.setdefault(c, []).append((k, j))
+            start += w
+    return {c: tuple(sorted(set(m))) for c, m in marks.items()}
+
+
+def _member(name: str, classes: list[int], roots: dict[int, int]) -> Member:
+    pairs = sorted(((j, roots[c]) for j, c in enumerate(classes) if c in roots), key=lambda t: (t[1], t[0]))
+    return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))

@@ -1,7 +1,6 @@
-"""Coupled groups and the cut, from a channel-label trace (channelmap.py).
+"""The cut of a network traced by channel labels (channelmap.py; its coupled groups: graph.py).
 
-A group is the set of layers whose output channels share a channel class (a residual add, a
-depthwise conv, a shuffle's tie); its root index enumerates the classes. The cut removes every
+The cut removes every
 dropped class from each layer that produces or reads it, from the norms, fixed filters and layer
 scale parameters that follow it, and rewrites split sizes a module stores. The per-layer pruning
 functions are torch-pruning's.
@@ -11,73 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimkit.core.channelmap import PINNED, LabelTrace
+from slimkit.core.channelmap import LabelTrace
 
-__all__ = ["label_groups", "prune_labelled"]
-
-
-def label_groups(trace: LabelTrace, layers: dict[str, nn.Module]) -> list:
-    """Coupled groups (graph.CoupledGroup) from a label trace: producers sharing a channel class are one
-    group; a group's root index enumerates its classes by (first producer, that producer's channel)."""
-    from slimkit.core.graph import CoupledGroup
-
-    order = {n: i for i, n in enumerate(layers)}
-    prod = {n: trace.classes(trace.produced[n]) for n in sorted(trace.produced, key=order.get) if n in layers}
-    read = {n: trace.classes(lab) for n, lab in trace.read.items() if n in layers}
-    parent = {n: n for n in prod}
-
-    def find(n):
-        while parent[n] != n:
-            parent[n] = n = parent[parent[n]]
-        return n
-
-    owner: dict[int, str] = {}
-    for n, classes in prod.items():
-        for c in classes:
-            if c in owner:
-                a, b = find(n), find(owner[c])
-                if a != b:
-                    parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
-            else:
-                owner[c] = n
-    marks = _split_marks(trace)
-    comps: dict[str, list[str]] = {}
-    for n in prod:
-        comps.setdefault(find(n), []).append(n)
-    groups = []
-    for members in comps.values():
-        roots: dict[int, int] = {}
-        for n in members:
-            for c in prod[n]:
-                roots.setdefault(c, len(roots))
-        producers = tuple(_member(n, prod[n], roots) for n in members)
-        consumers = tuple(_member(n, cl, roots) for n, cl in read.items() if any(c in roots for c in cl))
-        g = CoupledGroup(members[0], len(roots), producers, consumers, pinned=PINNED in roots)
-        object.__setattr__(g, "classes", tuple(roots))  # root index -> class, for the cut
-        object.__setattr__(g, "marks", {roots[c]: m for c, m in marks.items() if c in roots})  # split pieces
-        groups.append(g)
-    return groups
-
-
-def _split_marks(trace: LabelTrace) -> dict[int, tuple]:
-    """For every channel class, the (split, piece) pairs it passes through."""
-    marks: dict[int, list] = {}
-    for k, (_, _, pieces, labels) in enumerate(trace.splits):
-        classes = trace.classes(labels)
-        start = 0
-        for j, w in enumerate(pieces):
-            for c in classes[start:start + w]:
-                if c >= 0:
-                    marks.setdefault(c, []).append((k, j))
-            start += w
-    return {c: tuple(sorted(set(m))) for c, m in marks.items()}
-
-
-def _member(name: str, classes: list[int], roots: dict[int, int]):
-    from slimkit.core.graph import Member
-
-    pairs = sorted(((j, roots[c]) for j, c in enumerate(classes) if c in roots), key=lambda t: (t[1], t[0]))
-    return Member(name, tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+__all__ = ["prune_labelled"]
 
 
 @torch.no_grad()

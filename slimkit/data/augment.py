@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from slimkit.core.errors import SlimkitError
+from slimkit.data.loading import SeededItems
 
 AUGMENTS = ("none", "shift", "flip", "crop-flip", "trivialaugment", "randaugment")
 
@@ -80,7 +81,7 @@ def _seeded(transform, x: torch.Tensor, key) -> torch.Tensor:
         gen.set_state(state)
 
 
-class Augmented(torch.utils.data.Dataset):
+class Augmented(SeededItems):
     """A TensorDataset of images in [-1, 1] (the bundled digits) with a per-item seeded torchvision preset."""
 
     def __init__(self, base: TensorDataset, preset: str):
@@ -89,9 +90,6 @@ class Augmented(torch.utils.data.Dataset):
         self.transform = _geometry(preset, size, size)
         self.tensors = base.tensors  # labels_of reads these
         self.workers = 0
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
 
     def __len__(self) -> int:
         return len(self.base)

@@ -17,7 +17,7 @@ from slimkit.data.augment import (
     resolve_augment,
 )
 from slimkit.data.digits import digits
-from slimkit.data.loading import default_workers, labels_of
+from slimkit.data.loading import SeededItems, default_workers, labels_of
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -28,7 +28,7 @@ CACHE_BYTES = 1 << 30  # image sets whose decoded uint8 pixels fit in this are d
 LOSSLESS_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # PIL modes read as RGB
 
 
-class Images(torch.utils.data.Dataset):
+class Images(SeededItems):
     """Images read from files, resized once to a stored side (uint8), augmented per item, normalised.
 
     Items are ``(path, label)``. With ``cache`` every image is decoded once (by ``workers`` loader
@@ -96,9 +96,6 @@ class Images(torch.utils.data.Dataset):
         if self.transform is not None:
             x = _seeded(self.transform, x, key) if self.preset != "none" else self.transform(x)
         return x.float().div_(255).sub_(self.mean).div_(self.std), self.targets[i]
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
 
     def subset(self, indices: list[int]) -> "Images":
         """The items at ``indices`` (decoded pixels shared, not re-read)."""

@@ -1,21 +1,21 @@
-"""Batches of an epoch (seeded order, loader processes) and labels read without loading images."""
+"""Batches of an epoch (seeded order, loader processes) and labels read without loading images.
+
+:class:`SeededItems` is what a dataset with per-item work (images.py's ``Images``, augment.py's
+``Augmented``) derives from: ``epoch_loader`` hands it ``(index, epoch seed)`` keys and keeps its
+loader processes on it, so this module imports no dataset."""
 from __future__ import annotations
 
 import torch
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import usable_cpus
 
 
 def default_workers() -> int:
     """Loader processes when --workers is not given: one per CPU this process may use, less one, at most 8;
     none below 4 CPUs, where a loader process takes a core from the training step (measured on 2 cores:
     benchmarks/results/data_paths.md)."""
-    import os
-
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
+    n = usable_cpus()
     return 0 if n < 4 else min(8, n - 1)
 
 
@@ -38,6 +38,18 @@ def labels_of(ds) -> torch.Tensor:
     if hasattr(ds, "items"):
         return torch.as_tensor([lab for _, lab in ds.items])
     raise TypeError(f"cannot read the labels of {type(ds).__name__}")
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A dataset whose items are read by ``(index, epoch seed)`` keys: ``epoch_loader`` loads it in
+    ``workers`` persistent processes (held on the dataset, never pickled with it) when it has per-item
+    work (``transform``, or no decoded ``pixels``), each item's augmentation seeded from its key."""
+
+    transform = None  # per-item geometry (torchvision v2) or None
+    workers = 0  # loader processes epoch_loader may start
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
 
 
 class _EpochOrder(torch.utils.data.Sampler):
@@ -64,11 +76,8 @@ def epoch_loader(dataset: torch.utils.data.Dataset, batch_size: int, seed: int, 
     """
     from torch.utils.data import DataLoader
 
-    from slimkit.data.augment import Augmented
-    from slimkit.data.images import Images
-
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not isinstance(dataset, (Images, Augmented)):
+    if not isinstance(dataset, SeededItems):
         if distributed:
             from torch.utils.data.distributed import DistributedSampler
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import usable_cpus
 from slimkit.core.graph import ChannelGraph, prunable_layers
 from slimkit.core.plan import KeepPlan, segments
 from slimkit.core.surgery import cut, plans_of
@@ -74,9 +74,9 @@ def _dense_source(model: nn.Module) -> nn.Module:
     spec = spec_of(model)
     dense = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
     if getattr(model, "slimkit_concat", 1) == 2:
-        from slimkit.methods.merge.transform import widen
+        from slimkit.core.widen import widen
 
-        widen(dense)
+        widen(dense, spec.input_shape)
     return dense
 
 
@@ -198,7 +198,7 @@ def align_network(model: nn.Module, multiple: int, verify: bool = True) -> nn.Mo
         dense_idx = _dense_source(model)
         _fill_indices(dense_idx)
         slim_idx = copy.deepcopy(dense_idx)
-        for plan in plans:  # cut exactly as the slim network was (core/checkpoint.py rebuilds it so)
+        for plan in plans:  # cut exactly as the slim network was (models/checkpoint.py rebuilds it so)
             cut(ChannelGraph(slim_idx, shape), plan)
         graph = ChannelGraph(dense_idx, shape)
         plan = aligned_plan(graph, _kept_outputs(dense_idx, slim_idx), multiple)
@@ -285,7 +285,7 @@ def choose_alignment(
         runners = []
         for c, net in nets.items():
             if provider == "torch":
-                r = torch_runner(net, f"align{c}", "cpu", threads or os.cpu_count() or 1, shape)
+                r = torch_runner(net, f"align{c}", "cpu", threads or usable_cpus(), shape)
             else:
                 v = to_verified_onnx(net, shape, opset or DEFAULT_OPSET, reference=model)
                 path = Path(tmp) / f"align{c}.onnx"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Sequence
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import atomic_write, check_output
-from slimkit.core.globalstate import keep_global_state
+from slimkit.core.globalstate import keep_global_state, usable_cpus
 from slimkit.deploy.runners import Runner, make_runner, peak_memory
 
 log = logging.getLogger("slimkit")
@@ -75,7 +74,7 @@ def bench(runners: Sequence[Runner], batches: Sequence[int], warmup: int = 10, r
     stop spinning), runs once untimed and then times up to ``block`` runs; visits alternate in
     order A B .. then .. B A. A single runner is timed back to back.
     """
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     if not runners:
         return []
     block = max(1, int(block)) if len(runners) > 1 else max(runs, 1)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from slimkit.core.checkpoint import source
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import atomic_write, check_output
@@ -20,7 +19,8 @@ from slimkit.core.globalstate import keep_global_state
 from slimkit.deploy.bench import bench, plot
 from slimkit.deploy.export import onnx_metadata, to_verified_onnx
 from slimkit.deploy.runners import check_trial, onnx_runner, torch_runner
-from slimkit.methods.ke.extract import fit_hypothesis
+from slimkit.models.checkpoint import source
+from slimkit.models.hypothesis import fit_hypothesis
 from slimkit.models.registry import run_at, spec_of
 
 __all__ = ["CompareReport", "compare", "default_compare_dir", "unaligned_widths"]

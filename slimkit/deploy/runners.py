@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from slimkit.core.errors import SlimkitError, one_line
+from slimkit.core.globalstate import usable_cpus
 
 # user-facing provider name -> ONNX Runtime execution providers, in preference order
 PROVIDERS = {
@@ -195,7 +196,7 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
     ort.set_default_logger_severity(3)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.intra_op_num_threads = threads or usable_cpus()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     precision = props.get("slimkit.precision", "fp16" if dtype == np.float16 else "fp32")
     if cache_dir is None and provider == "tensorrt":
@@ -258,7 +259,7 @@ def torch_runner(model: torch.nn.Module, name: str, provider: str = "cpu", threa
     if device == "cuda":
         torch.backends.cudnn.benchmark = True  # like ORT's exhaustive conv search: fixed shapes, fastest algorithms
     shape = tuple(input_shape or spec_of(model).input_shape)
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads or usable_cpus())
     dtype = torch.float16 if fp16 else torch.float32
     model = copy.deepcopy(model).eval().to(device=device, dtype=dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -299,20 +300,20 @@ def make_runner(path: str | Path | torch.nn.Module, provider: str = "cpu", threa
     if provider not in PROVIDERS:
         raise SlimkitError(f"unknown provider {provider!r}; available: {', '.join(PROVIDERS)}")
     if isinstance(path, torch.nn.Module):
-        from slimkit.core.checkpoint import from_module
+        from slimkit.models.checkpoint import from_module
 
         model = from_module(path, input_shape).model
         return check_trial(torch_runner(model, type(path).__name__, "cpu" if provider in ("torch", "cpu") else provider,
-                                        threads or os.cpu_count() or 1, input_shape, fp16=fp16,
+                                        threads or usable_cpus(), input_shape, fp16=fp16,
                                         channels_last=channels_last))
     path = Path(path)
     if not path.is_file():
         raise SlimkitError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
-    threads = threads or os.cpu_count() or 1
+    threads = threads or usable_cpus()
     if path.suffix == ".onnx":
         runner = onnx_runner(path, provider, threads, input_shape, batches)
     else:
-        from slimkit.core.checkpoint import load
+        from slimkit.models.checkpoint import load
 
         model = load(path, **(source or {}), plain_only=True)  # the flags describe plain state_dicts only
         runner = torch_runner(model, path.name, "cpu" if provider in ("torch", "cpu") else provider, threads,

@@ -189,7 +189,7 @@ class RunDir:
 
     def save_model(self, model: torch.nn.Module, name: str, **meta: Any) -> Path:
         """A self-describing checkpoint (``slimkit.save``, itself atomic) inside the run directory."""
-        from slimkit.core.checkpoint import save
+        from slimkit.models.checkpoint import save
 
         path = self.out / name
         path.parent.mkdir(exist_ok=True)

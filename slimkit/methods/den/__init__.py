@@ -1,1 +1,1 @@
-"""Dynamically Expandable Networks (Yoon et al., ICLR 2018): steps, tasks, baselines and the task sequence."""
+"""Dynamically Expandable Networks (Yoon et al., ICLR 2018): config, steps, tasks, baselines and the task sequence."""

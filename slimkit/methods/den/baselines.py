@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +11,9 @@ from slimkit.core.cost import count_params
 from slimkit.core.globalstate import seed_global
 from slimkit.engine.epochs import Hooks, Step, run_epochs
 from slimkit.methods.den import steps as D
+from slimkit.methods.den.config import DENConfig
 from slimkit.methods.den.tasks import Task, score
 from slimkit.models import create_model
-
-if TYPE_CHECKING:
-    from slimkit.methods.den.sequence import DENConfig
 
 
 def all_params(net) -> dict[str, None]:

@@ -81,7 +81,7 @@ def _read_teachers(teachers: list, arch: str | None, num_classes: int | None, em
                    state_key: str | None = None, model_args: dict[str, Any] | None = None,
                    input_shape: tuple[int, ...] | None = None):
     """The two teachers: checkpoint paths, or networks slimkit created (``nn.Module`` objects)."""
-    from slimkit.core.checkpoint import source
+    from slimkit.models.checkpoint import source
 
     if len(teachers) != 2:
         raise SlimkitError(f"merge takes exactly two teacher checkpoints, got {len(teachers)}")

@@ -183,7 +183,7 @@ def prune(model: nn.Module, split_rate: float, criterion: str, data_batches: Bat
     channels zeroed (float64, ``verify_batch`` random inputs drawn with ``seed``); a cut that is not
     exact is refused. It carries the model's ModelSpec and plans, so it saves and loads like an
     extracted fit hypothesis. ``model`` is untouched; fine-tuning is the caller's."""
-    from slimkit.methods.ke.extract import VERIFY_RTOL, VERIFY_RTOL_FP32, verify_slim
+    from slimkit.models.hypothesis import VERIFY_RTOL, VERIFY_RTOL_FP32, verify_slim
 
     _check_criterion(criterion)
     sr = check_split_rate(split_rate)

@@ -5,7 +5,7 @@ A slimkit checkpoint is a ``torch.save`` of plain containers and tensors only::
     {"format": "slimkit", "format_version": 1,
      "spec":  {"arch", "args", "input_shape"},     # how to rebuild the dense network
      "plans": [KeepPlan.to_json(), ...],           # cuts applied to it, oldest first ([] = dense)
-     "concat": 2,                                  # only for a merged big student (methods/merge): widened first
+     "concat": 2,                                  # only for a merged big student (methods/merge): widened first (core/widen.py)
      "meta":  {"split": ..., "provenance": ..., ...},
      "state_dict": {...}}
 
@@ -38,7 +38,8 @@ from slimkit.core.formats import choose_weights, fit_prefix, load_file
 from slimkit.core.graph import ChannelGraph, prunable_layers
 from slimkit.core.plan import KeepPlan
 from slimkit.core.surgery import cut, plans_of
-from slimkit.models import (
+from slimkit.core.widen import widen
+from slimkit.models.registry import (
     ModelSpec,
     create_model,
     is_import_path,
@@ -330,9 +331,7 @@ def _read_slimkit(path: Path, obj: dict[str, Any], arch: str | None, num_classes
         _check_user_arch(path, spec.arch, arch, spec.args.get("num_classes"), num_classes, spec.args, model_args)
     model = create_model(spec.arch, input_shape=spec.input_shape, **spec.args)
     if concat == 2:  # a merged big student: two copies side by side (methods/merge)
-        from slimkit.methods.merge.transform import widen
-
-        widen(model)
+        widen(model, spec.input_shape)
     elif concat != 1:
         raise SlimkitError(f"{path} describes a concatenation of {concat} networks; slimkit merges two")
     for plan in plans:  # re-cut the fresh dense network exactly as the parent was cut
