@@ -99,7 +99,7 @@ def _library(verb: str) -> list:
     """The functions and config dataclasses a verb's flags become arguments of."""
     from slimkit.deploy.bench import bench_files
     from slimkit.deploy.compare import compare
-    from slimkit.deploy.export import export_onnx
+    from slimkit.deploy.exporting import export_onnx
     from slimkit.engine.loop import TrainConfig
     from slimkit.engine.train import TrainRunConfig, train
     from slimkit.methods.den.config import DENConfig
