@@ -81,11 +81,11 @@ def ke_cell(root: str, size: str, seed: int, args, tmp: Path) -> dict:
     quiet = lambda s: None  # noqa: E731
     G, E = max(args.ke_generations), args.ke_epochs
     t0 = time.time()
-    recs = evolve(EvolveConfig(data=root, generations=G, train_per_class=_tpc(size), eval_every=E,
+    recs = evolve(EvolveConfig(data=root, generations=G, train_per_class=_tpc(size), subset_seed=seed, eval_every=E,
                                train=TrainConfig(epochs=E, seed=seed)), tmp / "ke", progress=False, echo=quiet, workers=0)
     out = {"dense": [r["dense_acc"] for r in recs], "fit": [r["fit_acc"] for r in recs], "epochs": E}
     for g in args.ke_generations:
-        # evolve draws its subset with the training seed: the single network sees the same images
+        # the subset is seed's (as recorded: evolve drew it from --seed before --subset-seed): the same images
         r = train(TrainRunConfig(data=root, train_per_class=_tpc(size), subset_seed=seed, eval_every=g * E,
                                  train=TrainConfig(epochs=g * E, seed=seed)), tmp / f"single{g}", progress=False,
                   echo=quiet, workers=0)
@@ -141,7 +141,7 @@ def den_cell(root: str, size: str, seed: int, args, tmp: Path, have: dict | None
         if (over and not _has_fields(DENConfig, over)) or name in out:
             continue
         torch.manual_seed(seed)
-        cfg = DENConfig(data=root, tasks=args.den_tasks, train_per_class=_tpc(size), seed=seed,
+        cfg = DENConfig(data=root, tasks=args.den_tasks, train_per_class=_tpc(size), seed=seed, subset_seed=seed,
                         baselines=("dnn-l2", "ewc", "stl") if i == 0 else (), **over)
         s = run_den(cfg, tmp / name, progress=False, echo=lambda m: None)
         for k, v in s["results"].items():

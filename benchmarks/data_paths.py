@@ -59,7 +59,7 @@ def _run_paths(paths: dict[str, str], args, tmp: Path) -> list[dict]:
             out = tmp / f"evolve_{k}_{seed}"
             t = time.perf_counter()
             recs = evolve(EvolveConfig(data=data, image_size=16, generations=args.generations,
-                                       train_per_class=args.per_class, eval_every=args.epochs,
+                                       train_per_class=args.per_class, subset_seed=seed, eval_every=args.epochs,
                                        train=TrainConfig(epochs=args.epochs, seed=seed)),
                           out, progress=False, echo=quiet, workers=args.workers)
             wall = time.perf_counter() - t

@@ -37,8 +37,8 @@ def run(size: int | None, seed: int, rule: str) -> list[dict]:
     from slimkit.methods.den.config import DENConfig
     from slimkit.methods.den.tasks import make_tasks, score
 
-    cfg = DENConfig(tasks="permuted:5", train_per_class=size, seed=seed, expand_on=rule, baselines=())
-    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)
+    cfg = DENConfig(tasks="permuted:5", train_per_class=size, seed=seed, subset_seed=seed, expand_on=rule, baselines=())
+    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class, cfg.subset_seed)
     net = new_net(cfg, (), cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     rows: list[dict] = []

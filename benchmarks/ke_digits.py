@@ -30,6 +30,7 @@ def run_loss(args, seeds: list[int], loss: str) -> list[dict]:
             cfg = EvolveConfig(arch=args.arch, split_mode=args.split_mode, split_rate=args.split_rate,
                                generations=args.generations,
                                image_size=args.image_size, train_per_class=args.train_per_class,
+                               subset_seed=seed,  # the recorded runs' subset (evolve drew it from --seed then)
                                train=TrainConfig(epochs=args.epochs, loss=loss, seed=seed))
             runs[seed] = evolve(cfg, Path(tmp) / f"s{seed}", progress=False,
                                 echo=lambda s, k=seed: print(f"{loss} seed {k}: {s}", flush=True))

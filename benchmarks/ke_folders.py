@@ -53,7 +53,7 @@ def main() -> None:
         for seed in args.seeds:
             for k, (name, root) in enumerate(sets.items()):
                 recs = evolve(EvolveConfig(data=str(root), image_size=args.image_size, generations=args.generations,
-                                           train_per_class=args.per_class, eval_every=args.epochs,
+                                           train_per_class=args.per_class, subset_seed=seed, eval_every=args.epochs,
                                            train=TrainConfig(epochs=args.epochs, seed=seed)),
                               Path(tmp) / f"run_{k}_{seed}", progress=False, echo=lambda s: None, workers=0)
                 rows.append({"set": name, "seed": seed, "dense": [r["dense_acc"] for r in recs],

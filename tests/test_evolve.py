@@ -110,7 +110,7 @@ def test_wels_run_evaluates_the_masked_network(tmp_path):
         (["--split-rate", "0"], "split rate"),
         (["--data", "/no/such/dataset"], "does not exist"),
         (["--generations", "0"], "positive integer"),
-        ([], "give --out"),
+        ([], "give -o/--out"),
         (["--num-classes", "102"], "the data has 10 classes, fewer than --num-classes 102"),
         (["--num-classes", "5"], "the data has 10 classes, more than --num-classes 5"),
     ],

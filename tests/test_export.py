@@ -132,9 +132,9 @@ def small_ckpt(tmp_path):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--input-shape", "1,1,32,32"], "does not fit cifar_resnet"),
-        (["--input-shape", "3,x,32"], "comma-separated integers"),
-        (["--input-shape", "3,32"], "N,C,H,W or C,H,W"),
+        (["--input-shape", "1,32,32"], "does not fit cifar_resnet"),
+        (["--input-shape", "3,x,32"], "must be C,H,W integers"),
+        (["--input-shape", "3,32"], "three positive integers C,H,W"),
         (["--opset", "99"], "opset must be between"),
     ],
 )

@@ -29,7 +29,7 @@ def runs(out: Path) -> None:
     from slimkit.methods.ke.evolve import EvolveConfig, evolve
     from slimkit.methods.merge.merging import MergeConfig, merge
 
-    q = dict(progress=False, echo=lambda s: None)
+    q = dict(progress=False, echo=lambda s: None, device="cpu")  # the library's default is auto
     out.mkdir(parents=True)
     torch.set_num_threads(1)
     train(TrainRunConfig(arch="mlp", image_size=8, train_per_class=5, eval_every=2,

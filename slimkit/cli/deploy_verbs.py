@@ -8,9 +8,9 @@ import logging
 from slimkit.cli.options import (
     fail,
     finish_verb,
-    input_shape,
     int8_args,
-    model_args,
+    network_args,
+    out_arg,
     positive_int,
     source_args,
     split_rate,
@@ -31,7 +31,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
     report = extract(
         args.ckpt, split_rate=args.split_rate, split_mode=args.split_mode, arch=args.arch,
-        num_classes=args.num_classes, model_args=args.model_args, out=args.output, force=args.force,
+        num_classes=args.num_classes, model_args=args.model_args, out=args.out, force=args.force,
         input_shape=args.input_shape, ema=args.ema, state_key=args.state_key,
     )
     emit(args, report.to_json(), report.table())
@@ -52,8 +52,10 @@ def align_value(text: str) -> int | str:
 def _cmd_export(args: argparse.Namespace) -> int:
     from slimkit.deploy.exporting import export_onnx
 
+    if args.out is None:
+        return fail("export", "the following arguments are required: -o/--out")
     report = export_onnx(
-        args.ckpt, args.output, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
+        args.ckpt, args.out, input_shape=args.input_shape, opset=args.opset, fp16=args.fp16,
         fp16_io=args.fp16_io, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
         force=args.force, int8=args.int8, calib=args.calib, calib_size=args.calib_size, data=args.data,
         max_drop=args.max_drop, align=args.align, provider=args.provider, ema=args.ema, state_key=args.state_key,
@@ -88,6 +90,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         force=args.force, arch=args.arch, num_classes=args.num_classes, model_args=args.model_args,
         profile=args.profile, precision=args.precision, align=args.align, calib=args.calib,
         calib_size=args.calib_size, max_drop=args.max_drop, ema=args.ema, state_key=args.state_key,
+        input_shape=args.input_shape,
     )
     emit(args, rep.to_json(), rep.markdown())
     out = args.out or default_compare_dir(Path(args.ckpt))
@@ -137,10 +140,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--split-rate", type=split_rate, help="fraction of channels in the fit hypothesis, in (0, 1); "
                    "optional for KE checkpoints whose masks define the split")
     e.add_argument("--split-mode", default="kels", choices=("kels", "wels"), help="only kels has a slim network")
-    e.add_argument("-o", "--output", help="where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)")
-    e.add_argument("--input-shape", type=input_shape,
-                   help="C,H,W input of a plain state_dict's network (default: the model source's, e.g. a timm "
-                   "model's config); a slimkit checkpoint records its own")
+    out_arg(e, "where to write the slim checkpoint (default: beside CKPT as CKPT.slim.pt)", old_output=True)
     finish_verb(e, _cmd_extract, force="overwrite an existing output")
 
     x = sub.add_parser(
@@ -150,8 +150,7 @@ def add_parsers(sub) -> None:
         "that differs from PyTorch by more than 1e-4 relative is refused.",
     )
     source_args(x)
-    x.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    x.add_argument("--input-shape", help="N,C,H,W or C,H,W (default: the checkpoint's); batch stays dynamic")
+    out_arg(x, "the .onnx file to write (required)", old_output=True)
     x.add_argument("--opset", type=positive_int, default=17, help="ONNX opset")
     x.add_argument("--fp16", action="store_true", help="fp16 weights and compute; input/output stay float32")
     x.add_argument("--fp16-io", action="store_true", help="with --fp16: float16 input/output too")
@@ -174,15 +173,12 @@ def add_parsers(sub) -> None:
         "previous model's threads are idle. Reports p50/p90/p99, mean ± std, images/s, provider, threads, device.",
     )
     b.add_argument("models", nargs="+", help=".onnx files and/or checkpoints")
-    b.add_argument("--arch", help="architecture of plain state_dict checkpoints (see `slimkit models`)")
-    b.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict checkpoints")
-    b.add_argument("--model-args", type=model_args, help="other constructor arguments of plain state_dicts")
+    network_args(b)
     weights_args(b, "training checkpoints")
     timing_args(b)
-    b.add_argument("--input-shape", help="C,H,W (default: from the file's metadata)")
     b.add_argument("--torch-fp16", action="store_true", help="run checkpoints in half precision (torch)")
     b.add_argument("--channels-last", action="store_true", help="run checkpoints in channels_last memory format (torch)")
-    b.add_argument("--out", help="also write bench.md, bench.json and bench.png (latency vs batch) into this directory")
+    out_arg(b, "also write bench.md, bench.json and bench.png (latency vs batch) into this directory")
     finish_verb(b, _cmd_bench, force="overwrite existing files in --out")
 
     c = sub.add_parser(
@@ -204,7 +200,7 @@ def add_parsers(sub) -> None:
     c.add_argument("--align", help="with the deployment table: also slim at widths padded to a multiple of N, or "
                    "'auto' (the fastest of 1, 8, 16, 32 on the provider)")
     int8_args(c, table=True)
-    c.add_argument("--out", help="output directory (default: CKPT.compare beside the checkpoint)")
+    out_arg(c, "output directory (default: CKPT.compare beside the checkpoint)")
     finish_verb(c, _cmd_compare, force="overwrite existing report files")
 
     m = sub.add_parser("models", help="list the model sources slimkit can build, with arguments, input and cut status")

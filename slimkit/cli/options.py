@@ -118,26 +118,80 @@ def fail(verb: str, msg: str) -> int:
     return 2
 
 
+def warn(parser: argparse.ArgumentParser, message: str) -> None:
+    """One warning line on stderr, named after the verb (``slimkit VERB: warning: ...``)."""
+    sys.stderr.write(f"{parser.prog}: warning: {message}\n")
+
+
 def input_shape(text: str) -> tuple:
+    """argparse type of --input-shape: C,H,W (an old N,C,H,W is passed on for ShapeAction to warn about)."""
     try:
         shape = tuple(int(s) for s in text.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be C,H,W integers like 3,64,64, got {text!r}") from None
-    if len(shape) != 3 or min(shape) < 1:
+    if len(shape) not in (3, 4) or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"must be three positive integers C,H,W, got {text!r}")
     return shape
 
 
-def source_args(p: argparse.ArgumentParser) -> None:
+class ShapeAction(argparse.Action):
+    """--input-shape: C,H,W; the old N,C,H,W form still works for one release, with a deprecation line
+    (N is dropped: the batch axis is always dynamic)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) == 4:
+            warn(parser, f"{option_string} N,C,H,W is deprecated; give C,H,W (the batch axis is always dynamic, "
+                 f"{values[0]} is ignored)")
+            values = values[1:]
+        setattr(namespace, self.dest, tuple(values))
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: works for one release, with one deprecation line on stderr."""
+
+    def __init__(self, option_strings, dest, use: str, **kwargs):
+        self.use = use
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn(parser, f"{option_string} is deprecated; use {self.use}")
+        setattr(namespace, self.dest, values)
+
+
+ARCH_HELP = ("the network: a built-in or torchvision name, timm/NAME, or package.module:callable (see `slimkit "
+             "models`); a checkpoint needs it only when it is a plain state_dict (a slimkit checkpoint names its own, "
+             "and naming the import path it was built by allows that import)")
+NUM_CLASSES_HELP = "classes of the network (default: a checkpoint's classifier, or the classes of the training data)"
+MODEL_ARGS_HELP = ("other constructor arguments of the network, e.g. depth=56,width=32 or a JSON object (see "
+                   "`slimkit models`); a slimkit checkpoint records its own")
+INPUT_SHAPE_HELP = ("C,H,W input of the network (default: a slimkit checkpoint's recorded input, else the model "
+                    "source's, e.g. a timm model's config); the batch axis stays dynamic")
+
+
+def network_args(p: argparse.ArgumentParser, arch_default: str | None = None, shape: bool = True) -> None:
+    """--arch --num-classes --model-args --input-shape: how every verb that reads or builds a network names
+    it (one meaning and one parser everywhere). Training verbs default --arch to the network they build;
+    ``shape=False`` where the training data's size decides the input (--image-size)."""
+    p.add_argument("--arch", default=arch_default, help=ARCH_HELP)
+    p.add_argument("--num-classes", type=positive_int, help=NUM_CLASSES_HELP)
+    p.add_argument("--model-args", type=model_args, metavar="K=V,...", help=MODEL_ARGS_HELP)
+    if shape:
+        p.add_argument("--input-shape", type=input_shape, action=ShapeAction, metavar="C,H,W", help=INPUT_SHAPE_HELP)
+
+
+def out_arg(p: argparse.ArgumentParser, help: str, old_output: bool = False) -> None:
+    """-o/--out: where every verb that writes puts its output; ``old_output``: the verb's former --output
+    still works for one release (extract, export)."""
+    p.add_argument("-o", "--out", help=help)
+    if old_output:
+        p.add_argument("--output", dest="out", action=DeprecatedAlias, use="-o/--out")
+
+
+def source_args(p: argparse.ArgumentParser, shape: bool = True) -> None:
     """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
     p.add_argument("ckpt", help="slimkit checkpoint, or (with --arch) a state_dict, training checkpoint (timm, "
                    "torchvision, Lightning) or safetensors file, or an official KE checkpoint")
-    p.add_argument("--arch", help="model source of a plain state_dict: a built-in or torchvision name, timm/NAME, or "
-                   "package.module:callable (see `slimkit models`); also allows a checkpoint built by that import path")
-    p.add_argument("--num-classes", type=positive_int, help="classes of a plain state_dict (inferred when omitted)")
-    p.add_argument("--model-args", type=model_args,
-                   help="other constructor arguments of a plain state_dict's network, e.g. depth=56,width=32 "
-                   "(see `slimkit models`)")
+    network_args(p, shape=shape)
     weights_args(p)
 
 
@@ -186,13 +240,24 @@ def optim_args(p: argparse.ArgumentParser) -> None:
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="digits", help="'digits' or a dataset directory (ImageFolder train/ test/, or KE lists/)")
     p.add_argument("--train-per-class", type=positive_int, help="seeded per-class subset of the training split")
+    subset_seed_arg(p)
     p.add_argument("--eval-every", type=positive_int, default=1, help="evaluate every N epochs (and at the end)")
     augment_arg(p)
 
 
+SUBSET_SEED = 0  # the one default of --subset-seed (and of every library config's subset_seed)
+
+
+def subset_seed_arg(p: argparse.ArgumentParser) -> None:
+    """--subset-seed: which --train-per-class subset, in every training verb (independent of --seed)."""
+    p.add_argument("--subset-seed", type=int, default=SUBSET_SEED,
+                   help="which --train-per-class subset: the same value draws the same images in train, evolve, "
+                   f"merge and den, whatever --seed is (default {SUBSET_SEED})")
+
+
 def from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     """Network, schedule, optimiser and data flags of the verbs that train a registry net from scratch."""
-    p.add_argument("--arch", default="cifar_resnet", help="registry architecture (default cifar_resnet)")
+    network_args(p, arch_default="cifar_resnet", shape=False)
     p.add_argument("--epochs", type=positive_int, default=30, help=epochs_help)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="linear learning-rate warm-up epochs before the cosine decay")
@@ -201,14 +266,12 @@ def from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     p.add_argument("--image-size", type=positive_int,
                    help="square input side the data is resized to (default: 16 for the built-in small nets; a "
                    "torchvision, timm or own model's default input, e.g. 224)")
-    p.add_argument("--num-classes", type=positive_int,
-                   help="the classes the data must have (default: whatever the data has)")
 
 
 def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda; CUDA trains "
                    "under bf16 autocast with channels_last")
-    p.add_argument("--out", help="new run directory (must be empty or absent)")
+    out_arg(p, "new run directory (must be empty or absent)")
     p.add_argument("--resume", help="continue the run in this directory (same settings)")
     p.add_argument("--workers", type=workers_count, default=None,
                    help="loader processes for image directories (default: one per CPU less one, at most 8, and 0 "

@@ -13,12 +13,15 @@ from slimkit.cli.options import (
     fail,
     finish_verb,
     from_scratch_args,
+    network_args,
     nonneg_float,
     optim_args,
+    out_arg,
     positive_float,
     positive_int,
     run_args,
     split_rate,
+    subset_seed_arg,
     weights_args,
 )
 
@@ -35,7 +38,7 @@ def _train_config(args: argparse.Namespace, epochs: int | None = None, lr: float
 def _run_dir(verb: str, args: argparse.Namespace) -> str:
     out = args.resume or args.out
     if out is None:
-        raise SystemExit(fail(verb, "give --out DIR for a new run or --resume DIR to continue one"))
+        raise SystemExit(fail(verb, "give -o/--out DIR for a new run or --resume DIR to continue one"))
     return out
 
 
@@ -72,8 +75,9 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
 
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
                        generations=args.generations, image_size=args.image_size,
-                       train_per_class=args.train_per_class, round_to=args.round_to, eval_every=args.eval_every,
-                       num_classes=args.num_classes, augment=args.augment, train=_train_config(args))
+                       train_per_class=args.train_per_class, subset_seed=args.subset_seed, round_to=args.round_to,
+                       eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
+                       model_args=args.model_args, train=_train_config(args))
     return _launch("evolve", args, lambda out, **kw: evolve(cfg, out, **kw),
                    "summary.md, generations.png, metrics.jsonl and gen*/last.pt")
 
@@ -84,7 +88,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
-                         train=_train_config(args))
+                         model_args=args.model_args, train=_train_config(args))
     return _launch("train", args, lambda out, **kw: train(cfg, out, **kw),
                    "last.pt, summary.md, curves.png and metrics.jsonl")
 
@@ -99,7 +103,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
                       eval_every=args.eval_every, augment=args.augment)
     return _launch("merge", args, lambda out, **kw: merge(cfg, args.teachers, out, arch=args.arch,
                                                            num_classes=args.num_classes, ema=args.ema,
-                                                           state_key=args.state_key, **kw),
+                                                           state_key=args.state_key, model_args=args.model_args,
+                                                           input_shape=args.input_shape, **kw),
                    "big.pt, compressed.pt, last.pt, summary.md, gates.png, curves.png and metrics.jsonl")
 
 
@@ -123,6 +128,7 @@ def _cmd_den(args: argparse.Namespace) -> int:
                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, l1=args.l1, l1_head=args.l1_head,
                     l2=args.l2, tau=args.tau, k=args.k, group=args.group_lasso, drift_lambda=args.drift_lambda,
                     sigma=args.sigma, baselines=baselines, seed=args.seed, train_per_class=args.train_per_class,
+                    subset_seed=args.subset_seed,
                     expand_on=args.expand_on, val_fraction=args.val_fraction, tau_val=args.tau_val)
     out = _run_dir("den", args)
     result = run_den(cfg, out, progress=_progress(args), resume=args.resume is not None, device=args.device)
@@ -153,7 +159,6 @@ def add_parsers(sub) -> None:
         "Writes last.pt, metrics.jsonl, summary.md and curves.png; --resume continues from the last finished epoch.",
     )
     from_scratch_args(t, "training epochs")
-    t.add_argument("--subset-seed", type=int, default=0, help="which --train-per-class subset (default 0, independent of --seed)")
     run_args(t)
     finish_verb(t, _cmd_train)
 
@@ -166,8 +171,7 @@ def add_parsers(sub) -> None:
     )
     g.add_argument("teachers", nargs="*", help="the two teacher checkpoints (slimkit, or plain state_dicts with --arch); "
                    "--resume remembers them")
-    g.add_argument("--arch", help="architecture of plain state_dict teachers (see `slimkit models`)")
-    g.add_argument("--num-classes", type=positive_int, help="classes of plain state_dict teachers")
+    network_args(g)
     weights_args(g, "the teachers' training checkpoints")
     g.add_argument("--gate-epochs", type=positive_int, default=30, help="epochs of importance learning")
     g.add_argument("--gate-lr", type=positive_float, default=0.5, help="Adam learning rate of the gates' log alpha")
@@ -180,7 +184,6 @@ def add_parsers(sub) -> None:
     g.add_argument("--finetune-warmup-epochs", type=int, default=1, help="warm-up epochs of fine-tuning")
     optim_args(g)
     data_args(g)
-    g.add_argument("--subset-seed", type=int, default=0, help="the --train-per-class subset the teachers were trained on")
     run_args(g)
     finish_verb(g, _cmd_merge, batch_size=32)
 
@@ -203,7 +206,9 @@ def add_parsers(sub) -> None:
     d.add_argument("--l1-head", type=nonneg_float, default=1e-2, help="L1 on a new task's head (sparser heads select fewer units)")
     d.add_argument("--l2", type=nonneg_float, default=1e-4, help="L2 of selective retraining")
     d.add_argument("--train-per-class", type=positive_int, default=None,
-                   help="train on a subset (seeded by --seed) of at most this many images per class (default: all)")
+                   help="train on a subset (drawn from --subset-seed) of at most this many images per class "
+                   "(default: all)")
+    subset_seed_arg(d)
     d.add_argument("--expand-on", choices=("val", "train"), default="val",
                    help="val: after task t, expand when its accuracy on --val-fraction of its training images (held "
                    "out) is more than --tau-val below a network trained on task t alone; train: the paper's rule, "
@@ -218,9 +223,9 @@ def add_parsers(sub) -> None:
     d.add_argument("--sigma", type=nonneg_float, default=0.2, help="duplicate units whose drift exceeds sigma")
     d.add_argument("--baselines", default=",".join(("dnn", "dnn-l2", "ewc", "stl", "mtl")),
                    help="comma-separated subset of dnn,dnn-l2,ewc,stl,mtl, or none")
-    d.add_argument("--seed", type=int, default=0, help="seeds the tasks, initialisation and shuffling")
+    d.add_argument("--seed", type=int, default=0, help="seeds the task permutations, initialisation and shuffling")
     d.add_argument("--device", default="auto", help="auto (CUDA when a GPU is visible) | cpu | cuda")
-    d.add_argument("--out", help="new run directory (must be empty or absent)")
+    out_arg(d, "new run directory (must be empty or absent)")
     d.add_argument("--resume", help="continue the run in this directory after its last finished task or baseline "
                    "(same settings)")
     finish_verb(d, _cmd_den)
@@ -258,6 +263,8 @@ def resume_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     saved = saved_invocation(args.resume)
     if saved is None:
         return  # a run started from Python, or none: the settings must be given (RunDir.check compares them)
+    if "subset_seed" not in saved and args.verb in ("evolve", "den"):  # recorded before --subset-seed: it was --seed
+        saved = {**saved, "subset_seed": saved.get("seed", 0)}
     now, given = invocation(args), given_flags(parser, argv)
     for dest in sorted(given - _NOT_SETTINGS):
         if dest in saved and now.get(dest) != saved[dest]:

@@ -19,9 +19,9 @@ from slimkit.core.globalstate import keep_global_state
 from slimkit.deploy.bench import bench, plot
 from slimkit.deploy.export import onnx_metadata, to_verified_onnx
 from slimkit.deploy.runners import check_trial, onnx_runner, torch_runner
-from slimkit.models import spec_of
 from slimkit.models.checkpoint import source
 from slimkit.models.hypothesis import fit_hypothesis
+from slimkit.models.registry import run_at, spec_of
 
 __all__ = ["CompareReport", "compare", "default_compare_dir", "unaligned_widths"]
 
@@ -131,6 +131,7 @@ def compare(
     max_drop: float = 1.0,
     ema: bool = False,
     state_key: str | None = None,
+    input_shape: Sequence[int] | None = None,
 ) -> Any:
     """Dense vs fit hypothesis of ``ckpt`` (a checkpoint file, or an ``nn.Module`` slimkit created: then
     ``out`` is required); writes compare.md/.json/.png into ``out``.
@@ -143,9 +144,12 @@ def compare(
     (and slim padded to aligned widths) at each precision, INT8 calibrated on ``calib``, and the
     fastest artefact whose accuracy on ``data`` is within ``max_drop`` points of dense fp32 picked.
     ``ema``/``state_key`` pick the weights in a training checkpoint (see :func:`slimkit.read`).
+    ``input_shape`` (C, H, W): the input both networks are built, verified, exported and timed at
+    (default: a slimkit checkpoint's recorded input, else the model source's).
     """
     import torch
 
+    from slimkit.deploy.export import parse_input_shape
     from slimkit.deploy.runners import PROVIDERS
 
     t0 = time.perf_counter()
@@ -180,8 +184,11 @@ def compare(
     elif not out_dir.parent.is_dir():
         raise SlimkitError(f"cannot create {out_dir}: directory {out_dir.parent} does not exist")
 
-    src = source(ckpt) if is_object else source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args,
-                                                 ema=ema, state_key=state_key)
+    given = parse_input_shape(input_shape) if input_shape is not None else None
+    src = source(ckpt, input_shape=given) if is_object else source(
+        ckpt, arch=arch, num_classes=num_classes, model_args=model_args, ema=ema, state_key=state_key,
+        input_shape=given)
+    run_at(src.model, given)
     fh = fit_hypothesis(src, split_rate)
     spec = spec_of(src.model)
     shape = tuple(spec.input_shape)

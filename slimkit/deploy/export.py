@@ -36,13 +36,19 @@ def check_opset(opset: int) -> None:
 
 
 def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
-    """'1,3,224,224' or '3,224,224' -> (3, 224, 224): the batch axis is always dynamic."""
+    """'3,224,224' or (3, 224, 224) -> (3, 224, 224): C,H,W, the batch axis is always dynamic. The old
+    N,C,H,W form still works for one release, with a FutureWarning (N is ignored)."""
     try:
-        dims = [int(t) for t in (text.split(",") if isinstance(text, str) else text)]
+        dims = [int(t) for t in (text.replace("x", ",").split(",") if isinstance(text, str) else text)]
     except ValueError:
-        raise SlimkitError(f"input shape must be comma-separated integers like 1,3,224,224, got {text!r}") from None
+        raise SlimkitError(f"input shape must be C,H,W integers like 3,224,224, got {text!r}") from None
     if len(dims) not in (3, 4) or any(d < 1 for d in dims):
-        raise SlimkitError(f"input shape must be N,C,H,W or C,H,W with positive sizes, got {text!r}")
+        raise SlimkitError(f"input shape must be three positive integers C,H,W, got {text!r}")
+    if len(dims) == 4:
+        import warnings
+
+        warnings.warn(f"input shape N,C,H,W ({text!r}) is deprecated; give C,H,W (the batch axis is always dynamic)",
+                      FutureWarning, stacklevel=3)
     return tuple(dims[-3:])
 
 

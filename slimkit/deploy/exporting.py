@@ -124,7 +124,8 @@ def export_onnx(
     if is_object:
         src = source(ckpt, input_shape=given)
     else:
-        src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, ema=ema, state_key=state_key)
+        src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, ema=ema, state_key=state_key,
+                     input_shape=given)  # a plain state_dict's network is built for it, as in extract
     model, spec = src.model, spec_of(src.model)
     shape = given or tuple(spec.input_shape)
     meta = onnx_metadata(model, shape, src.meta.get("split"), src.sha256, fp16)

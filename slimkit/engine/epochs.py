@@ -30,20 +30,23 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from slimkit.core.errors import SlimkitError
 from slimkit.engine.testhooks import active as _test_hook
 from slimkit.models import model_params
 
-__all__ = ["input_kwargs", "SMALL_NET_SIZE", "Step", "Hooks", "run_epoch", "run_epochs", "Phase", "run_phases",
-           "log_epoch"]
+__all__ = ["input_kwargs", "check_model_args", "SMALL_NET_SIZE", "Step", "Hooks", "run_epoch", "run_epochs", "Phase",
+           "run_phases", "log_epoch"]
 
 
 SMALL_NET_SIZE = 16  # the built-in small nets' input side when --image-size is not given
 
 
-def input_kwargs(arch: str, data: str, image_size: int | None) -> dict[str, Any]:
-    """Input-related arguments of ``create_model``: the small nets' own ``in_chans``/``image_size``;
-    for any other source (torchvision, timm, the user's own) ``input_shape`` 3 x S x S when the user
-    chose a size S, else nothing (the source's default input, e.g. 3x224x224)."""
+def input_kwargs(arch: str, data: str, image_size: int | None,
+                 model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The arguments of ``create_model`` other than ``num_classes``: the small nets' own ``in_chans``/
+    ``image_size``; for any other source (torchvision, timm, the user's own) ``input_shape`` 3 x S x S
+    when the user chose a size S, else nothing (the source's default input, e.g. 3x224x224); then the
+    user's ``model_args`` (--model-args, e.g. depth=56,width=32), which win over the input defaults."""
     params = model_params(arch)
     kwargs: dict[str, Any] = {}
     if "image_size" in params:
@@ -52,7 +55,18 @@ def input_kwargs(arch: str, data: str, image_size: int | None) -> dict[str, Any]
         kwargs.update(image_size=image_size or SMALL_NET_SIZE)
     elif image_size is not None:
         kwargs.update(input_shape=(3, image_size, image_size))
-    return kwargs
+    return {**kwargs, **check_model_args(model_args)}
+
+
+def check_model_args(model_args: dict[str, Any] | None) -> dict[str, Any]:
+    """--model-args of a training run: a dict of constructor arguments other than num_classes."""
+    if model_args is None:
+        return {}
+    if not isinstance(model_args, dict) or not all(isinstance(k, str) for k in model_args):
+        raise SlimkitError(f"model_args must be a dict of constructor arguments, got {model_args!r}")
+    if "num_classes" in model_args:
+        raise SlimkitError("give the class count with --num-classes, not --model-args")
+    return dict(model_args)
 
 
 # --- the steps of an epoch --------------------------------------------------------------------------

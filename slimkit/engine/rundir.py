@@ -59,10 +59,14 @@ class RunDir:
         config: the settings (JSON-able); written on a new run, compared on resume.
         resume: continue the run in ``out`` instead of starting one.
         main: whether this process writes (rank 0).
+        before: for settings added since, the value a run whose config.json predates them used (it is
+            compared on resume in place of the missing key; a key missing from both compares as None).
     """
 
-    def __init__(self, out: str | os.PathLike, verb: str, config: dict[str, Any], resume: bool, main: bool = True):
+    def __init__(self, out: str | os.PathLike, verb: str, config: dict[str, Any], resume: bool, main: bool = True,
+                 before: dict[str, Any] | None = None):
         self.out, self.verb, self.resume, self.main = Path(out), verb, resume, main
+        self.before = json.loads(json.dumps(before or {}))
         self.config = json.loads(json.dumps(config))  # as it is written: tuples read back as lists
         self.metrics = self.out / "metrics.jsonl"
         self.state: dict[str, Any] | None = None  # the state resumed from (None: start from scratch)
@@ -88,6 +92,7 @@ class RunDir:
             raise SlimkitError(f"cannot resume: {cfg_path} is not valid JSON (torn or edited)") from None
         if not isinstance(saved, dict):
             raise SlimkitError(f"cannot resume: {cfg_path} is not a {self.verb} configuration")
+        saved = {**self.before, **saved}  # an older run's config lacks the settings added since
         diff = [k for k in self.config if saved.get(k) != self.config[k]]  # "cli" (the flags) is not compared
         if diff:
             k = diff[0]

@@ -17,7 +17,7 @@ from slimkit.data.augment import resolve_augment
 from slimkit.data.loading import check_workers
 from slimkit.data.select import datasets, num_classes_of
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
-from slimkit.engine.epochs import Phase, input_kwargs, log_epoch, run_phases
+from slimkit.engine.epochs import Phase, check_model_args, input_kwargs, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
 from slimkit.engine.loop import Supervised, TrainConfig, make_optimizer, prepare_model
 from slimkit.engine.rundir import RunDir
@@ -35,6 +35,7 @@ class TrainRunConfig:
     image_size: int | None = None  # square input side; None: 16 for the small nets, the source's own (e.g. 224) otherwise
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
     subset_seed: int = 0  # which subset: fixed apart from --seed so teachers of one merge see the same data
+    model_args: dict[str, Any] | None = None  # other constructor arguments of cfg.arch (e.g. depth, width)
     num_classes: int | None = None  # if given, the data must have exactly this many classes
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
@@ -50,13 +51,14 @@ class TrainRunConfig:
         if self.image_size is not None and int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
         resolve_augment(self.augment, int(self.image_size or 16))  # refuses an unknown preset
+        check_model_args(self.model_args)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0) -> dict[str, Any]:
+          echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None) -> dict[str, Any]:
     """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
@@ -72,8 +74,8 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
            rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
-    run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0).check()
-    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size)
+    run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0, before={"model_args": None}).check()
+    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size, cfg.model_args)
     shape = input_shape_of(cfg.arch, **kwargs)
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
     seed_global(cfg.train.seed, device)  # the initial weights are part of the seeded run

@@ -18,7 +18,7 @@ import difflib
 import functools
 import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -385,6 +385,15 @@ def list_sources(filter: str | None = None, timm_models: bool = True) -> list[tu
     if filter:
         out = [(n, k) for n, k in out if filter.lower() in n.lower()]
     return out
+
+
+def run_at(model: nn.Module, input_shape: Sequence[int] | None) -> nn.Module:
+    """Record ``input_shape`` (C, H, W) as the input ``model`` is traced, verified and exported at (what
+    --input-shape means in every verb, a slimkit checkpoint's recorded input included); None keeps it."""
+    spec = spec_of(model)
+    if input_shape is not None and tuple(spec.input_shape) != tuple(input_shape):
+        model.slimkit_spec = dataclasses.replace(spec, input_shape=tuple(int(s) for s in input_shape))
+    return model
 
 
 def spec_of(model: nn.Module) -> ModelSpec:

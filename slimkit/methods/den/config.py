@@ -23,7 +23,7 @@ class DENConfig:
     hidden: tuple[int, ...] = (312, 128)  # Linear units per layer
     channels: tuple[int, ...] = ()  # conv channels before them (den_conv: units are channels); () = MLP
     image_size: int = 8
-    train_per_class: int | None = None  # seeded (by seed) per-class subset of the training split (None: all)
+    train_per_class: int | None = None  # per-class subset of the training split, drawn from subset_seed (None: all)
     epochs: int = 30  # per task and phase (task 1, selective retraining, expansion, split retraining)
     lr: float = 0.05
     batch_size: int = 32
@@ -46,6 +46,7 @@ class DENConfig:
     l2_baseline: float = 0.01  # lambda of DNN-L2 (0.1 and 1 kept task 1 better but learned later tasks worse)
     ewc_lambda: float = 1e4  # lambda of EWC (100 left it equal to plain fine-tuning on digits)
     seed: int = 0
+    subset_seed: int = 0  # which --train-per-class subset (runs recorded before it existed drew it from seed)
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)

@@ -151,7 +151,7 @@ def _metrics(R: list[list[float]]) -> dict[str, float]:
 
 @keep_global_state()
 def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callable[[str], None] = log.info,
-            resume: bool = False, device: str = "cpu") -> dict[str, Any] | None:
+            resume: bool = False, device: str = "auto") -> dict[str, Any] | None:
     """Learn the task sequence with DEN and the baselines; write the run directory; return the summary.
 
     ``device``: cpu, cuda or auto (as the other training verbs; DEN runs in one process).
@@ -168,8 +168,10 @@ def run_den(cfg: DENConfig, out: str | Path, progress: bool = True, echo: Callab
 
     out = Path(out)
     device = resolve_device(device)
-    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class)  # refuses bad specs before writing
-    run = RunDir(out, "den", cfg.to_json(), resume).check()
+    tasks = make_tasks(cfg.tasks, cfg.data, cfg.image_size, cfg.seed, cfg.train_per_class,
+                       cfg.subset_seed)  # refuses bad specs before writing
+    # runs recorded before subset_seed existed drew the --train-per-class subset from seed
+    run = RunDir(out, "den", cfg.to_json(), resume, before={"subset_seed": cfg.seed}).check()
     run.begin()
     hook = active()
     t0 = time.perf_counter()

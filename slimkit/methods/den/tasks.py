@@ -62,16 +62,17 @@ def parse_tasks(spec: str, classes: int) -> tuple[str, int]:
 
 
 def make_tasks(spec: str, data: str = "digits", image_size: int = 8, seed: int = 0,
-               train_per_class: int | None = None) -> list[Task]:
+               train_per_class: int | None = None, subset_seed: int = 0) -> list[Task]:
     """The task sequence ``spec`` on ``data``: split[:N] (N tasks of consecutive classes), onevsrest[:N]
     (class c against the rest, binary) or permuted:N (all classes, one fixed pixel permutation per task;
-    task 1 unpermuted). ``train_per_class``: a subset of the training split seeded by ``seed``, at most
-    that many images of every class (as the other verbs' --train-per-class)."""
+    task 1 unpermuted), the permutations drawn from ``seed``. ``train_per_class``: a subset of the
+    training split drawn from ``subset_seed``, at most that many images of every class (the same images
+    as the other verbs' --train-per-class with the same --subset-seed)."""
     xtr, ytr, xte, yte = _tensors(data, image_size)
     if train_per_class is not None:
         from slimkit.data.select import per_class_subset
 
-        pick = torch.as_tensor(per_class_subset(TensorDataset(ytr, ytr), train_per_class, seed).indices)
+        pick = torch.as_tensor(per_class_subset(TensorDataset(ytr, ytr), train_per_class, subset_seed).indices)
         xtr, ytr = xtr[pick], ytr[pick]
     classes = int(max(ytr.max(), yte.max())) + 1
     kind, n = parse_tasks(spec, classes)

@@ -36,7 +36,7 @@ from slimkit.data.augment import resolve_augment
 from slimkit.data.loading import check_workers
 from slimkit.data.select import datasets, num_classes_of
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
-from slimkit.engine.epochs import Phase, input_kwargs, log_epoch, run_phases
+from slimkit.engine.epochs import Phase, check_model_args, input_kwargs, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
 from slimkit.engine.loop import Supervised, TrainConfig, make_optimizer, prepare_model
 from slimkit.engine.rundir import RunDir
@@ -58,6 +58,8 @@ class EvolveConfig:
     generations: int = 5  # N1..NG
     image_size: int | None = None  # square input side; None: 16 for the small nets, the source's own (e.g. 224) otherwise
     train_per_class: int | None = None  # seeded per-class subset of the training split (None: all)
+    subset_seed: int = 0  # which subset (runs recorded before it existed drew it from train.seed)
+    model_args: dict[str, Any] | None = None  # other constructor arguments of arch (e.g. depth, width)
     num_classes: int | None = None  # if given, the data must have exactly this many classes
     augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -79,6 +81,7 @@ class EvolveConfig:
             raise SlimkitError("round_to applies to KELS splits only")
         if self.image_size is not None and int(self.image_size) < 4:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
+        check_model_args(self.model_args)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,7 +103,7 @@ def reinit_reset(model: nn.Module, masks: dict[str, torch.Tensor], generator: to
 
 
 def _model_kwargs(cfg: EvolveConfig) -> dict[str, Any]:
-    return input_kwargs(cfg.arch, cfg.data, cfg.image_size)
+    return input_kwargs(cfg.arch, cfg.data, cfg.image_size, cfg.model_args)
 
 
 def _build(cfg: EvolveConfig, num_classes: int, device: str) -> nn.Module:
@@ -109,7 +112,7 @@ def _build(cfg: EvolveConfig, num_classes: int, device: str) -> nn.Module:
 
 
 def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: bool = True,
-           echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0) -> list[dict[str, Any]]:
+           echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) Knowledge Evolution; returns one record per generation.
 
     Under torchrun (WORLD_SIZE > 1) the training steps run data-parallel (DDP, gloo on CPU); rank 0
@@ -127,9 +130,11 @@ def evolve(cfg: EvolveConfig, out: str | Path, resume: bool = False, progress: b
 
 def _evolve(cfg: EvolveConfig, out: Path, resume: bool, progress: bool, echo: Callable[[str], None],
             rank: int, world: int, device: str = "cpu", workers: int = 0) -> list[dict[str, Any]]:
-    run = RunDir(out, "evolve", cfg.to_json(), resume, main=rank == 0).check()
+    # runs recorded before subset_seed existed drew the --train-per-class subset from the training seed
+    run = RunDir(out, "evolve", cfg.to_json(), resume, main=rank == 0,
+                 before={"subset_seed": cfg.train.seed, "model_args": None}).check()
     in_shape = input_shape_of(cfg.arch, **_model_kwargs(cfg))
-    train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.train.seed,
+    train, test = datasets(cfg.data, in_shape[0], in_shape[1], cfg.train_per_class, subset_seed=cfg.subset_seed,
                            augment=cfg.augment, workers=workers)
     num_classes = num_classes_of(train, test, cfg.num_classes)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
@@ -192,6 +197,7 @@ def _end_generation(cfg: EvolveConfig, model: nn.Module, plan, masks, test, run:
     run.save_model(model, f"gen{gen}/last.pt", split=_split_meta(cfg),
                    metrics={"dense_test_acc": dense_acc, "fit_test_acc": fit_acc, "generation": gen},
                    data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
+                         "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed,
                          "preprocess": preprocess},
                    provenance={"recipe": "slimkit evolve", "config": cfg.to_json()})
     rec = {"kind": "generation", "generation": gen, "dense_acc": dense_acc, "fit_acc": fit_acc,
@@ -236,7 +242,8 @@ def _split_meta(cfg: EvolveConfig) -> dict[str, Any]:
 def _write_summary(run: RunDir, cfg: EvolveConfig, records: list[dict[str, Any]]) -> None:
     lines = [f"# Knowledge Evolution: {cfg.arch} on {cfg.data}, {cfg.split_mode.upper()} split rate {cfg.split_rate:g}", "",
              f"{cfg.train.epochs} epochs per generation, loss {cfg.train.loss}, seed {cfg.train.seed}"
-             + (f", {cfg.train_per_class} training images per class" if cfg.train_per_class else ""), "",
+             + (f", {cfg.train_per_class} training images per class (subset seed {cfg.subset_seed})"
+                if cfg.train_per_class else ""), "",
              "| generation | dense test acc | fit hypothesis test acc |", "|---:|---:|---:|"]
     lines += [f"| N{r['generation']} | {100 * r['dense_acc']:.2f}% | {100 * r['fit_acc']:.2f}% |" for r in records]
     run.write_text("summary.md", "\n".join(lines) + "\n")

@@ -15,9 +15,9 @@ from slimkit.core.errors import SlimkitError
 from slimkit.core.fileio import check_output
 from slimkit.core.globalstate import keep_global_state
 from slimkit.core.plan import check_split_rate
-from slimkit.models import spec_of
 from slimkit.models.checkpoint import save, source, state_dict_bytes
 from slimkit.models.hypothesis import fit_hypothesis
+from slimkit.models.registry import run_at, spec_of
 
 __all__ = ["ExtractReport", "extract", "default_output", "SPLIT_MODES"]
 
@@ -127,7 +127,8 @@ def extract(
 
     For an official Knowledge Evolution checkpoint the masks in the file define the split and
     ``split_rate`` may be omitted (when given, it must agree with them). ``input_shape`` (C, H, W)
-    overrides the default input of a plain state_dict's model source (e.g. a timm model's config).
+    is the input the network is verified at and the slim checkpoint records (default: a slimkit
+    checkpoint's own, else the model source's, e.g. a timm model's config).
     ``ema`` takes a training checkpoint's EMA weights, ``state_key`` names the entry holding the weights.
     """
     t0 = time.perf_counter()
@@ -151,6 +152,7 @@ def extract(
 
     src = source(ckpt, arch=arch, num_classes=num_classes, model_args=model_args, input_shape=input_shape,
                  **({} if is_object else {"ema": ema, "state_key": state_key}))
+    run_at(src.model, input_shape)  # a slimkit checkpoint is run at the given input too
     fh = fit_hypothesis(src, split_rate, seed=seed, verify_batch=verify_batch)
     dense, slim, spec, sr = fh.dense, fh.slim, spec_of(src.model), fh.split_rate
     max_abs, max_rel = fh.max_abs_diff, fh.max_rel_diff

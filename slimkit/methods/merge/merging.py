@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -78,7 +78,8 @@ class MergeConfig:
 
 
 def _read_teachers(teachers: list, arch: str | None, num_classes: int | None, ema: bool = False,
-                   state_key: str | None = None):
+                   state_key: str | None = None, model_args: dict[str, Any] | None = None,
+                   input_shape: tuple[int, ...] | None = None):
     """The two teachers: checkpoint paths, or networks slimkit created (``nn.Module`` objects)."""
     from slimkit.models.checkpoint import source
 
@@ -89,18 +90,29 @@ def _read_teachers(teachers: list, arch: str | None, num_classes: int | None, em
     if a is b or (not any(objects) and Path(a).resolve() == Path(b).resolve()):
         raise SlimkitError(f"both teachers are {a if not objects[0] else 'the same network'}; merging needs two "
                            "independently trained networks")
-    return [source(t, arch=arch, num_classes=num_classes, ema=ema, state_key=state_key) for t in teachers]
+    from slimkit.models.registry import run_at
+
+    if model_args is not None and "num_classes" in model_args:
+        raise SlimkitError("give the class count with --num-classes, not --model-args")
+    loaded = [source(t, input_shape=input_shape) if isinstance(t, nn.Module) else
+              source(t, arch=arch, num_classes=num_classes, model_args=model_args or {}, ema=ema, state_key=state_key,
+                     input_shape=input_shape) for t in teachers]
+    for ld in loaded:
+        run_at(ld.model, input_shape)
+    return loaded
 
 
 def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | Path, resume: bool = False,
           arch: str | None = None, num_classes: int | None = None, progress: bool = True,
-          echo: Callable[[str], None] = log.info, device: str = "cpu", workers: int | None = 0,
-          ema: bool = False, state_key: str | None = None) -> dict[str, Any]:
+          echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None,
+          ema: bool = False, state_key: str | None = None, model_args: dict[str, Any] | None = None,
+          input_shape: Sequence[int] | None = None) -> dict[str, Any]:
     """Run (or resume) a merge of two teachers (checkpoint paths or networks slimkit created); returns the
     summary record (accuracies and parameter counts).
 
     ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it.
-    ``ema``/``state_key`` pick the teachers' weights in training checkpoints (see :func:`slimkit.read`).
+    ``ema``/``state_key`` pick the teachers' weights in training checkpoints (see :func:`slimkit.read`);
+    ``model_args`` and ``input_shape`` (C, H, W) build plain state_dict teachers, as in extract.
     Torch's global generators, thread count and cudnn flags are left as they were."""
     from slimkit.data.loading import check_workers
 
@@ -109,15 +121,17 @@ def merge(cfg: MergeConfig, teachers: list[str | Path | nn.Module], out: str | P
         device = resolve_device(device)  # before the group: the chosen device picks its backend
         with process_group(device) as (rank, world):
             return _merge(cfg, teachers, Path(out), resume, arch, num_classes, progress and rank == 0,
-                          echo if rank == 0 else (lambda s: None), rank, world, device, workers, ema, state_key)
+                          echo if rank == 0 else (lambda s: None), rank, world, device, workers, ema, state_key,
+                          model_args, None if input_shape is None else tuple(int(s) for s in input_shape))
 
 
 def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, progress: bool, echo,
            rank: int, world: int, device: str, workers: int = 0, ema: bool = False,
-           state_key: str | None = None) -> dict[str, Any]:
+           state_key: str | None = None, model_args: dict[str, Any] | None = None,
+           input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     from slimkit.methods.merge.transform import GatedStudent, concat_teachers
 
-    loaded = _read_teachers(paths, arch, num_classes, ema, state_key)
+    loaded = _read_teachers(paths, arch, num_classes, ema, state_key, model_args, input_shape)
     ta, tb = (ld.model for ld in loaded)
     try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
         big = concat_teachers(ta, tb)
