@@ -71,6 +71,9 @@ def compare(a: Path, b: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--compare":
-        sys.exit(1 if compare(Path(sys.argv[2]), Path(sys.argv[3])) else 0)
-    runs(Path(sys.argv[1]))
+    args = sys.argv[1:]
+    if args[:1] == ["--compare"] and len(args) == 3:
+        sys.exit(1 if compare(Path(args[1]), Path(args[2])) else 0)
+    if len(args) != 1 or args[0].startswith("-"):  # never a run directory named like a flag
+        sys.exit(__doc__)
+    runs(Path(args[0]))
