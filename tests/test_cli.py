@@ -268,6 +268,24 @@ def test_an_internal_error_exits_1_and_says_it_is_a_slimkit_bug(cli, tmp_path, m
     assert r.code == 2 and "slimkit bug" not in r.err
 
 
+def test_a_user_error_keeps_its_cause_and_debug_shows_it(cli, tmp_path):
+    from slimkit import SlimkitError
+    from slimkit.core.plan import check_split_rate
+
+    with pytest.raises(SlimkitError) as info:
+        check_split_rate("half")
+    assert isinstance(info.value.__cause__, ValueError)  # float('half') failed: the cause is chained
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02 not a pickle at all")
+    r = cli("extract", bad, "--split-rate", "0.5")
+    assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    r = cli("--debug", "extract", bad, "--split-rate", "0.5")
+    assert r.code == 2 and "Traceback" in r.err
+    assert "The above exception was the direct cause of the following exception" in r.err  # torch's own error
+    assert r.err.splitlines()[-1].startswith("slimkit extract: error: ") and "slimkit bug" not in r.err
+    assert not (tmp_path / "bad.slim.pt").exists()
+
+
 def test_every_flag_of_every_verb_has_help_and_shows_its_default(cli):
     import argparse
 

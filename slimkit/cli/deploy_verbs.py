@@ -46,7 +46,7 @@ def align_value(text: str) -> int | str:
     try:
         return check_align(text)
     except SlimkitError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--align ")) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--align ")) from exc
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ def split_rate(text: str) -> float:
     try:
         return check_split_rate(text)
     except SlimkitError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def int_at_least(low: int, allowed: str):
@@ -70,7 +70,7 @@ def model_args(text: str) -> dict:
         try:
             out = json.loads(text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from None
+            raise argparse.ArgumentTypeError(f"not a JSON object: {exc}") from exc
         if not isinstance(out, dict):
             raise argparse.ArgumentTypeError("must be a JSON object or key=value pairs")
         return out
@@ -101,8 +101,8 @@ def real(positive: bool):
     def parse(text: str) -> float:
         try:
             v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}") from None
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}") from exc
         if not (math.isfinite(v) and (v > 0 if positive else v >= 0)):
             raise argparse.ArgumentTypeError(f"must be a {word} number, got {text!r}")
         return v
@@ -127,8 +127,8 @@ def input_shape(text: str) -> tuple:
     """argparse type of --input-shape: C,H,W (an old N,C,H,W is passed on for ShapeAction to warn about)."""
     try:
         shape = tuple(int(s) for s in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be C,H,W integers like 3,64,64, got {text!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"must be C,H,W integers like 3,64,64, got {text!r}") from exc
     if len(shape) not in (3, 4) or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"must be three positive integers C,H,W, got {text!r}")
     return shape

@@ -48,11 +48,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], None], force:
         else:
             try:
                 os.link(tmp, path)
-            except FileExistsError:
-                raise SlimkitError(f"output {path} already exists; pass --force to overwrite it") from None
-            except OSError:  # filesystems without hard links: best effort
+            except FileExistsError as exc:
+                raise SlimkitError(f"output {path} already exists; pass --force to overwrite it") from exc
+            except OSError as exc:  # filesystems without hard links: best effort
                 if path.exists():
-                    raise SlimkitError(f"output {path} already exists; pass --force to overwrite it") from None
+                    raise SlimkitError(f"output {path} already exists; pass --force to overwrite it") from exc
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -82,15 +82,15 @@ def _safetensors_load(path: Path, data: bytes) -> dict[str, torch.Tensor]:
             raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise SlimkitError(f"{path} has a corrupt safetensors header ({n} bytes of JSON expected): "
-                           f"{one_line(exc, 120)}") from None
+                           f"{one_line(exc, 120)}") from exc
     try:
         from safetensors.torch import load
-    except ImportError:  # a dependency of slimkit; only a broken install lacks it
-        raise SlimkitError(f"{path} is a safetensors file; install the safetensors package to read it") from None
+    except ImportError as exc:  # a dependency of slimkit; only a broken install lacks it
+        raise SlimkitError(f"{path} is a safetensors file; install the safetensors package to read it") from exc
     try:
         return dict(load(data))
     except Exception as exc:  # safetensors' own SafetensorError on offsets and dtypes that do not fit
-        raise SlimkitError(f"{path} is a damaged safetensors file: {one_line(exc, 160)}") from None
+        raise SlimkitError(f"{path} is a damaged safetensors file: {one_line(exc, 160)}") from exc
 
 
 def _torch_load(path: Path, data: bytes) -> Any:
@@ -108,10 +108,10 @@ def _torch_load(path: Path, data: bytes) -> Any:
                 f"{path} contains Python objects other than tensors, plain containers, argparse.Namespace and "
                 "pathlib paths; slimkit loads weights only and never executes "
                 f"code from a file ({why}). Re-save just the state_dict: torch.save(model.state_dict(), path)"
-            ) from None
-        raise SlimkitError(f"{path} is not a PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
+            ) from exc
+        raise SlimkitError(f"{path} is not a PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from exc
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError/... on damaged files
-        raise SlimkitError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from None
+        raise SlimkitError(f"{path} is not a readable PyTorch checkpoint (corrupt or truncated?): {one_line(exc, 120)}") from exc
 
 
 # --- where the weights are ------------------------------------------------------------------------
@@ -176,9 +176,9 @@ def choose_weights(path: Path, obj: Any, ema: bool = False, state_key: str | Non
     if state_key is not None:
         try:
             chosen = _entry(obj, state_key)
-        except KeyError:
+        except KeyError as exc:
             raise SlimkitError(f"{path} has no entry {state_key!r} ({entries}); weight sets found: "
-                               f"{', '.join(sets) or 'none'}") from None
+                               f"{', '.join(sets) or 'none'}") from exc
         if not _is_weight_set(chosen):
             raise SlimkitError(f"entry {state_key!r} of {path} is not a set of weights (type "
                                f"{type(chosen).__name__}{', keys ' + _keys(chosen) if isinstance(chosen, dict) else ''}); "

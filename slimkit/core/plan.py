@@ -102,8 +102,8 @@ def check_split_rate(split_rate: Any) -> float:
     """A split rate is a real number strictly between 0 and 1."""
     try:
         sr = float(split_rate)
-    except (TypeError, ValueError):
-        raise SlimkitError(f"split rate must be a number in (0, 1), got {split_rate!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise SlimkitError(f"split rate must be a number in (0, 1), got {split_rate!r}") from exc
     if not (0.0 < sr < 1.0):  # also rejects NaN
         raise SlimkitError(f"split rate must be in (0, 1) exclusive, got {split_rate!r}")
     return sr

@@ -81,7 +81,7 @@ def _check_forward(graph: ChannelGraph) -> None:
     except Exception as exc:  # the user's forward with sizes it computed before the cut
         raise SlimkitError(
             f"layer {layer}: {construct}: after the cut the forward fails ({one_line(exc)}): a size the network "
-            "stores or computes does not follow the cut; slimkit cannot cut this network exactly") from None
+            "stores or computes does not follow the cut; slimkit cannot cut this network exactly") from exc
     finally:
         model.train(was_training)
 

@@ -157,7 +157,7 @@ def _check_header(path: str) -> None:
     except SlimkitError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise _unreadable(path, exc) from None
+        raise _unreadable(path, exc) from exc
 
 
 def _decode(path: str, store: tuple[int, int]) -> torch.Tensor:
@@ -171,7 +171,7 @@ def _decode(path: str, store: tuple[int, int]) -> torch.Tensor:
     except SlimkitError:
         raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise _unreadable(path, exc) from None
+        raise _unreadable(path, exc) from exc
     h, w = store
     im = TF.resize(im, max(h, w), antialias=True)  # shorter side; a square store (the usual) is then covered
     return TF.pil_to_tensor(TF.center_crop(im, [h, w]))
@@ -193,8 +193,8 @@ def _scan(root: str, split: str) -> tuple[list[tuple[str, int]], list[str] | Non
             for row in csv.DictReader(f):
                 try:
                     path, label = root_p / row["file_name"], int(row["label"])
-                except (KeyError, ValueError, TypeError):
-                    raise SlimkitError(f"{lst}: each row needs file_name and an integer label") from None
+                except (KeyError, ValueError, TypeError) as exc:
+                    raise SlimkitError(f"{lst}: each row needs file_name and an integer label") from exc
                 if not path.is_file():
                     raise SlimkitError(f"{lst} names {row['file_name']}, which does not exist under {root}")
                 if label < 0:
@@ -215,7 +215,7 @@ def _scan(root: str, split: str) -> tuple[list[tuple[str, int]], list[str] | Non
                 classes, class_to_idx = find_classes(str(root_p / sub))
                 return make_dataset(str(root_p / sub), class_to_idx, extensions=IMG_EXTENSIONS), classes
             except (FileNotFoundError, RuntimeError) as exc:
-                raise SlimkitError(f"{root_p / sub}: {exc}") from None
+                raise SlimkitError(f"{root_p / sub}: {exc}") from exc
     raise SlimkitError(f"{root} has neither lists/{csv_name}.csv nor a {split}/ (or val/) folder of class folders")
 
 

@@ -32,8 +32,8 @@ __all__ = ["BenchResult", "BenchReport", "parse_batches", "bench", "bench_files"
 def parse_batches(text: str | Sequence[int]) -> list[int]:
     try:
         batches = [int(b) for b in (text.split(",") if isinstance(text, str) else text)]
-    except ValueError:
-        raise SlimkitError(f"batch sizes must be comma-separated positive integers like 1,8,32, got {text!r}") from None
+    except ValueError as exc:
+        raise SlimkitError(f"batch sizes must be comma-separated positive integers like 1,8,32, got {text!r}") from exc
     if not batches or any(b < 1 for b in batches):
         raise SlimkitError(f"batch sizes must be positive integers, got {text!r}")
     return batches

@@ -40,8 +40,8 @@ def parse_input_shape(text: str | Sequence[int]) -> tuple[int, ...]:
     N,C,H,W form still works for one release, with a FutureWarning (N is ignored)."""
     try:
         dims = [int(t) for t in (text.replace("x", ",").split(",") if isinstance(text, str) else text)]
-    except ValueError:
-        raise SlimkitError(f"input shape must be C,H,W integers like 3,224,224, got {text!r}") from None
+    except ValueError as exc:
+        raise SlimkitError(f"input shape must be C,H,W integers like 3,224,224, got {text!r}") from exc
     if len(dims) not in (3, 4) or any(d < 1 for d in dims):
         raise SlimkitError(f"input shape must be three positive integers C,H,W, got {text!r}")
     if len(dims) == 4:
@@ -148,7 +148,7 @@ def to_verified_onnx(
         ref = reference_output(model if reference is None else reference.eval(), x)
     except Exception as exc:
         raise SlimkitError(f"input shape {list(input_shape)} does not fit {arch} (run on {device}): "
-                           f"{one_line(exc, 160)}") from None
+                           f"{one_line(exc, 160)}") from exc
     if not torch.isfinite(ref).all():
         raise SlimkitError(f"{arch} gives inf/NaN logits in PyTorch fp32 on a random input; nothing to verify against")
     if fp16_io:
@@ -161,13 +161,13 @@ def to_verified_onnx(
         try:
             half = reference_output(core, x_in)
         except Exception as exc:
-            raise SlimkitError(f"{arch} cannot run in fp16 on {device}: {one_line(exc, 160)}") from None
+            raise SlimkitError(f"{arch} cannot run in fp16 on {device}: {one_line(exc, 160)}") from exc
         _refuse_non_finite(half, "PyTorch fp16", fp16)
     try:
         # traced at batch 1 on the model's device, verified at another batch
         data = _to_onnx_bytes(core, x_in[:1].to(device), int(opset))
     except Exception as exc:
-        raise SlimkitError(f"ONNX export of {arch} failed at opset {opset} (traced on {device}): {one_line(exc, 200)}") from None
+        raise SlimkitError(f"ONNX export of {arch} failed at opset {opset} (traced on {device}): {one_line(exc, 200)}") from exc
 
     proto = onnx.load_from_string(data)
     for k, v in (meta or {}).items():

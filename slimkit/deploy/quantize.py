@@ -128,7 +128,7 @@ def _calib_array(path: Path, input_shape: Sequence[int]) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise SlimkitError(f"calibration file {path} is not a readable .npy array: {one_line(exc, 120)}") from None
+        raise SlimkitError(f"calibration file {path} is not a readable .npy array: {one_line(exc, 120)}") from exc
     want = "(N, " + ", ".join(map(str, input_shape)) + ")"
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
         raise SlimkitError(f"calibration array {path} has shape {tuple(x.shape)}; this network reads {want} "
@@ -330,7 +330,7 @@ def to_int8(fp32: bytes, req: Int8Request, meta: dict[str, str] | None = None, r
     try:
         data = quantize_model(fp32, req.calibration.x, req.settings)
     except Exception as exc:
-        raise SlimkitError(f"ONNX Runtime's quantize_static failed: {one_line(exc, 200)}") from None
+        raise SlimkitError(f"ONNX Runtime's quantize_static failed: {one_line(exc, 200)}") from exc
     ref = ort_logits(fp32, req.calibration.x)
     got = ort_logits(data, req.calibration.x)
     if not np.isfinite(got).all():

@@ -168,7 +168,7 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise SlimkitError(f"{path} is not a loadable ONNX model: {one_line(exc, 160)}") from None
+        raise SlimkitError(f"{path} is not a loadable ONNX model: {one_line(exc, 160)}") from exc
     props = {p.key: p.value for p in proto.metadata_props}
     if props.get("slimkit.precision") == "int8":  # slimkit's INT8 files are made and checked for ORT's CPU provider
         from slimkit.deploy.quantize import check_int8_provider
@@ -176,7 +176,7 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
         try:
             check_int8_provider(provider)
         except SlimkitError as exc:
-            raise SlimkitError(f"{path.name}: {exc}") from None
+            raise SlimkitError(f"{path.name}: {exc}") from exc
     available = ort.get_available_providers()
     if wanted[0] not in available:
         raise SlimkitError(f"provider {provider} ({wanted[0]}) is not available in this onnxruntime; available: "
@@ -209,7 +209,7 @@ def onnx_runner(path: Path, provider: str, threads: int | None, input_shape: tup
     try:
         sess, reason = _session(path, opts, wanted, options)
     except Exception as exc:
-        raise SlimkitError(f"ONNX Runtime cannot load {path} with {wanted[0]}: {one_line(exc, 160)}") from None
+        raise SlimkitError(f"ONNX Runtime cannot load {path} with {wanted[0]}: {one_line(exc, 160)}") from exc
     actual = sess.get_providers()[0]
     if actual != wanted[0]:  # ORT falls back when a GPU provider cannot start; we say so, and why
         hint = " (TensorRT's libraries: pip install 'slimkit[tensorrt]')" if provider == "tensorrt" else ""
@@ -328,5 +328,5 @@ def check_trial(runner: Runner) -> Runner:
         runner.run()
     except Exception as exc:
         raise SlimkitError(f"{runner.engine} cannot run {runner.name} at input shape "
-                           f"{list(runner.input_shape)}: {one_line(exc, 160)}") from None
+                           f"{list(runner.input_shape)}: {one_line(exc, 160)}") from exc
     return runner

@@ -88,8 +88,8 @@ class RunDir:
             raise SlimkitError(f"cannot resume: {out} holds no {self.verb} run (no config.json)")
         try:
             saved = json.loads(cfg_path.read_text())
-        except (ValueError, UnicodeDecodeError):
-            raise SlimkitError(f"cannot resume: {cfg_path} is not valid JSON (torn or edited)") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SlimkitError(f"cannot resume: {cfg_path} is not valid JSON (torn or edited)") from exc
         if not isinstance(saved, dict):
             raise SlimkitError(f"cannot resume: {cfg_path} is not a {self.verb} configuration")
         saved = {**self.before, **saved}  # an older run's config lacks the settings added since
@@ -114,7 +114,7 @@ class RunDir:
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated, torn or not a torch file
-            raise SlimkitError(f"cannot resume: {path} is unreadable ({one_line(exc, 120)})") from None
+            raise SlimkitError(f"cannot resume: {path} is unreadable ({one_line(exc, 120)})") from exc
         if not isinstance(st, dict) or "metrics_lines" not in st:
             raise SlimkitError(f"cannot resume: {path} is not a slimkit {self.verb} state")
         if int(st.get("format", 0)) > STATE_FORMAT:

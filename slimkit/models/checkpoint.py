@@ -78,7 +78,7 @@ def _payload(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     try:
         json.dumps(meta)
     except TypeError as exc:
-        raise SlimkitError(f"checkpoint metadata must be JSON-serialisable: {exc}") from None
+        raise SlimkitError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
     meta = dict(meta)
     prov = dict(meta.pop("provenance", {}) or {})
     prov.setdefault("slimkit_version", _version())
@@ -133,7 +133,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise SlimkitError(f"cannot read {path}: {exc.strerror or one_line(exc)}") from None
+        raise SlimkitError(f"cannot read {path}: {exc.strerror or one_line(exc)}") from exc
     if not data:
         raise SlimkitError(f"{path} is empty (0 bytes), not a checkpoint")
     return data
@@ -323,7 +323,7 @@ def _read_slimkit(path: Path, obj: dict[str, Any], arch: str | None, num_classes
         sd = obj["state_dict"]
         concat = int(obj.get("concat", 1))
     except (KeyError, TypeError, ValueError) as exc:
-        raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from None
+        raise SlimkitError(f"{path} is a damaged slimkit checkpoint: {one_line(exc)}") from exc
     if is_import_path(spec.arch) and arch != spec.arch:
         raise SlimkitError(f"{path} was built by the import path {spec.arch!r}; slimkit imports code only when "
                            f"you name it: pass --arch {spec.arch} to allow it")

@@ -115,8 +115,8 @@ def _plugins() -> dict[str, Any]:
 def _timm():
     try:
         import timm
-    except ImportError:
-        raise SlimkitError("timm models need the timm package: pip install slimkit[timm]  (or pip install timm)") from None
+    except ImportError as exc:
+        raise SlimkitError("timm models need the timm package: pip install slimkit[timm]  (or pip install timm)") from exc
     return timm
 
 
@@ -169,7 +169,7 @@ def _load_callable(name: str, how: str) -> Callable[..., nn.Module]:
     try:
         module = importlib.import_module(mod_name)
     except Exception as exc:  # ImportError, or anything the user's module raises while importing
-        raise SlimkitError(f"cannot import module {mod_name!r} of {how} {name!r}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+        raise SlimkitError(f"cannot import module {mod_name!r} of {how} {name!r}: {type(exc).__name__}: {one_line(exc, 200)}") from exc
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -318,8 +318,8 @@ def _args(src: _Source, kwargs: dict[str, Any]) -> dict[str, Any]:
 def _check_shape(shape: Any) -> tuple[int, ...]:
     try:
         out = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise SlimkitError(f"input shape must be C,H,W integers, got {shape!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise SlimkitError(f"input shape must be C,H,W integers, got {shape!r}") from exc
     if len(out) != 3 or min(out) < 1:
         raise SlimkitError(f"input shape must be three positive integers C,H,W, got {list(out)}")
     return out
@@ -362,7 +362,7 @@ def create_model(name: str, *, input_shape: tuple[int, ...] | None = None, pretr
         raise
     except Exception as exc:  # the constructor rejected its arguments (TypeError, ValueError, ...)
         shown = ", ".join(f"{k}={v!r}" for k, v in args.items()) or "no arguments"
-        raise SlimkitError(f"model {name!r} could not be built with {shown}: {type(exc).__name__}: {one_line(exc, 200)}") from None
+        raise SlimkitError(f"model {name!r} could not be built with {shown}: {type(exc).__name__}: {one_line(exc, 200)}") from exc
     if not isinstance(model, nn.Module):
         raise SlimkitError(f"{name!r} returned a {type(model).__name__}, not a torch.nn.Module")
     shape = _check_shape(input_shape) if input_shape is not None else tuple(src.shape(args))

@@ -136,7 +136,7 @@ def _merge(cfg: MergeConfig, paths, out: Path, resume: bool, arch, num_classes, 
     try:  # concat_teachers is the one check that the teachers fit together; it runs before anything is written
         big = concat_teachers(ta, tb)
     except SlimkitError as exc:
-        raise SlimkitError(f"cannot merge {paths[0]} and {paths[1]}: {exc}") from None
+        raise SlimkitError(f"cannot merge {paths[0]} and {paths[1]}: {exc}") from exc
     config = {**cfg.to_json(), "teachers": [ld.sha256 for ld in loaded]}
     run = RunDir(out, "merge", config, resume, main=rank == 0).check()
     spec = ta.slimkit_spec

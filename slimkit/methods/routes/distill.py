@@ -19,8 +19,8 @@ def check_kd_args(weight: float, temperature: float) -> tuple[float, float]:
     """A distillation weight in [0, 1] and a temperature > 0 (finite), or a one-line SlimkitError."""
     try:
         w, t = float(weight), float(temperature)
-    except (TypeError, ValueError):
-        raise SlimkitError(f"distillation weight and temperature must be numbers, got {weight!r} and {temperature!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise SlimkitError(f"distillation weight and temperature must be numbers, got {weight!r} and {temperature!r}") from exc
     if not 0.0 <= w <= 1.0:  # also rejects NaN
         raise SlimkitError(f"distillation weight (--kd-weight) must be in [0, 1], got {weight!r}")
     if not (t > 0.0 and math.isfinite(t)):
