@@ -35,34 +35,13 @@ from slimkit.core.plan import kels_plan
 from slimkit.deploy.align import align_network, choose_alignment
 from slimkit.deploy.bench import bench
 from slimkit.deploy.export import to_verified_onnx
+from slimkit.deploy.quantize import cpu_flags
 from slimkit.deploy.runners import check_trial, cpu_name, onnx_runner
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parent.parent / "tests"))
 
-
-@torch.no_grad()
-def random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial BN affine parameters and running statistics (a real network's are not 1/0)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-    return model
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in have]
-    except OSError:
-        pass
-    return []
+from conftest import randomize_bn  # noqa: E402  the tests' random BN statistics
 
 
 def main() -> None:
@@ -85,7 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             torch.manual_seed(0)
-            dense = random_bn(slimkit.create_model(arch, num_classes=1000))
+            dense = randomize_bn(slimkit.create_model(arch, num_classes=1000))
             slim = slimkit.apply_plan(dense, kels_plan(ChannelGraph(copy.deepcopy(dense), shape), sr))
             best, timings = choose_alignment(slim, shape, batches=batches, threads=args.threads, runs=args.auto_runs)
             picks[arch] = {"pick": best, "candidates": timings}
@@ -132,7 +111,7 @@ def main() -> None:
                     for p in profile_rows(dense, nets[auto_name], paths["dense"], paths[auto_name], shape, r["batch"],
                                           20, res[0].threads, tmp):
                         profiles.append({"arch": arch, "network": auto_name, **p})
-    env = {"device": cpu_name(), "cpu_flags": cpu_flags(), "threads": raw[0]["threads"],
+    env = {"device": cpu_name(), "cpu_flags": cpu_flags()[1], "threads": raw[0]["threads"],
            "cpu_count": os.cpu_count(), "torch": str(torch.__version__),
            "onnxruntime": __import__("onnxruntime").__version__, "python": platform.python_version(),
            "runs": args.runs, "warmup": args.warmup, "auto_runs": args.auto_runs, "split_rate": sr,
