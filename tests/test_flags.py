@@ -13,7 +13,7 @@ from conftest import randomize_bn
 from slimkit import create_model, load, save
 
 READING = ("extract", "export", "bench", "compare", "merge")  # read a network from a checkpoint
-BUILDING = ("train", "evolve")  # build one (their input side is the data's: --image-size)
+BUILDING = ("train", "evolve")  # build one (--input-shape: the data's channels and --image-size)
 WRITING = ("extract", "export", "bench", "compare", "train", "evolve", "merge", "den")
 TRAINING = ("train", "evolve", "merge", "den")
 NETWORK = ("--arch", "--num-classes", "--model-args", "--input-shape")
@@ -39,9 +39,6 @@ def test_every_network_verb_names_it_with_the_same_four_flags():
         reading = {v: _flag(verbs[v], flag) for v in READING}
         assert all(reading.values()), (flag, [v for v, a in reading.items() if a is None])
         assert len({_what(a) + (a.default,) for a in reading.values()}) == 1, flag  # one help, parser and default
-        if flag == "--input-shape":
-            assert all(_flag(verbs[v], flag) is None for v in BUILDING)  # --image-size says it there
-            continue
         building = [_flag(verbs[v], flag) for v in BUILDING]
         assert all(building) and {_what(a) for a in building} == {_what(reading["extract"])}, flag
     assert {_flag(verbs[v], "--arch").default for v in BUILDING} == {"cifar_resnet"}
@@ -191,6 +188,24 @@ def test_training_verbs_build_model_args_and_resume_reads_them(cli, tmp_path, ve
     assert cli(verb, "--resume", out, "--quiet").code == 0  # the recorded model_args, not the default
     r = cli(verb, "--model-args", "num_classes=3", *tiny, "-o", tmp_path / "u")
     assert r.code == 2 and "--num-classes" in r.err and not (tmp_path / "u").exists()
+
+
+@pytest.mark.parametrize("verb", BUILDING)
+def test_training_verbs_read_input_shape_as_the_datas_channels_and_square_side(cli, tmp_path, verb):
+    tiny = ["--epochs", "1", "--warmup-epochs", "0", "--train-per-class", "2", "--quiet",
+            *(["--generations", "1"] if verb == "evolve" else [])]
+    out = tmp_path / "t"
+    r = cli(verb, "--arch", "small_vgg", "--input-shape", "1,8,8", *tiny, "-o", out)  # digits: one channel
+    assert r.code == 0, r.err
+    assert json.loads((out / "config.json").read_text())["image_size"] == 8
+    ckpt = out / ("last.pt" if verb == "train" else "gen1/last.pt")
+    assert tuple(load(ckpt).slimkit_spec.input_shape) == (1, 8, 8)
+    for bad, said in ((["--input-shape", "3,8,8"], "takes 1-channel images, not 3"),
+                      (["--input-shape", "1,8,6"], "give H == W"),
+                      (["--input-shape", "1,8,8", "--image-size", "16"], "disagree")):
+        r = cli(verb, "--arch", "small_vgg", *bad, *tiny, "-o", tmp_path / "u")
+        assert r.code == 2 and said in r.err and r.err.count("\n") == 1, r.err
+        assert not (tmp_path / "u").exists()
 
 
 def test_evolve_and_den_draw_the_subset_from_subset_seed(monkeypatch, tmp_path):

@@ -170,8 +170,9 @@ INPUT_SHAPE_HELP = ("C,H,W input of the network (default: a slimkit checkpoint's
 
 def network_args(p: argparse.ArgumentParser, arch_default: str | None = None, shape: bool = True) -> None:
     """--arch --num-classes --model-args --input-shape: how every verb that reads or builds a network names
-    it (one meaning and one parser everywhere). Training verbs default --arch to the network they build;
-    ``shape=False`` where the training data's size decides the input (--image-size)."""
+    it (one meaning and one parser everywhere). Training verbs default --arch to the network they build, and
+    read --input-shape as the data's channels and square side (cli/train_verbs.py); ``shape=False`` where a
+    verb has no input shape to name."""
     p.add_argument("--arch", default=arch_default, help=ARCH_HELP)
     p.add_argument("--num-classes", type=positive_int, help=NUM_CLASSES_HELP)
     p.add_argument("--model-args", type=model_args, metavar="K=V,...", help=MODEL_ARGS_HELP)
@@ -257,7 +258,7 @@ def subset_seed_arg(p: argparse.ArgumentParser) -> None:
 
 def from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     """Network, schedule, optimiser and data flags of the verbs that train a registry net from scratch."""
-    network_args(p, arch_default="cifar_resnet", shape=False)
+    network_args(p, arch_default="cifar_resnet")
     p.add_argument("--epochs", type=positive_int, default=30, help=epochs_help)
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine with warm-up)")
     p.add_argument("--warmup-epochs", type=int, default=5, help="linear learning-rate warm-up epochs before the cosine decay")

@@ -70,11 +70,32 @@ def _launch(verb: str, args: argparse.Namespace, run, wrote: str) -> int:
     return _finish(verb, args, out, result, wrote)
 
 
+def _image_size(args: argparse.Namespace) -> int | None:
+    """--image-size of a verb that trains from scratch, also said as --input-shape C,H,W: the images are
+    resized to H x H squares and the data decides the channels, so C and H = W must agree with them."""
+    if args.input_shape is None:
+        return args.image_size
+    from slimkit.core.errors import SlimkitError
+    from slimkit.engine.epochs import input_kwargs
+
+    c, h, w = args.input_shape
+    shown = f"--input-shape {c},{h},{w}"
+    if h != w:
+        raise SlimkitError(f"{shown}: training resizes images to squares; give H == W (or --image-size {max(h, w)})")
+    if args.image_size is not None and args.image_size != h:
+        raise SlimkitError(f"{shown} and --image-size {args.image_size} disagree; give one of them")
+    kw = input_kwargs(args.arch, args.data, h)
+    channels = kw["input_shape"][0] if "input_shape" in kw else kw.get("in_chans", 1 if args.data == "digits" else 3)
+    if c != channels:
+        raise SlimkitError(f"{shown}: {args.arch} trained on {args.data} takes {channels}-channel images, not {c}")
+    return h
+
+
 def _cmd_evolve(args: argparse.Namespace) -> int:
     from slimkit.methods.ke.evolve import EvolveConfig, evolve
 
     cfg = EvolveConfig(arch=args.arch, data=args.data, split_mode=args.split_mode, split_rate=args.split_rate,
-                       generations=args.generations, image_size=args.image_size,
+                       generations=args.generations, image_size=_image_size(args),
                        train_per_class=args.train_per_class, subset_seed=args.subset_seed, round_to=args.round_to,
                        eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
                        model_args=args.model_args, train=_train_config(args))
@@ -85,7 +106,7 @@ def _cmd_evolve(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from slimkit.engine.train import TrainRunConfig, train
 
-    cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=args.image_size,
+    cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=_image_size(args),
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
                          model_args=args.model_args, train=_train_config(args))
