@@ -1,4 +1,4 @@
-"""Knowledge distillation's loss and teacher check (methods/routes/distill.py), against hand-worked cases."""
+"""Knowledge distillation's loss and teacher check (engine/distill.py), against hand-worked cases."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkit import SlimkitError, create_model
-from slimkit.methods.routes.distill import check_teacher, kd_loss
+from slimkit.engine.distill import check_teacher, kd_loss
 
 L3 = math.log(3.0)
 

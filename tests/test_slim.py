@@ -1,4 +1,4 @@
-"""The scratch route's network (methods/routes/slim.py): the fit hypothesis's architecture, initialised
+"""The scratch route's network (models/slimarch.py): the fit hypothesis's architecture, initialised
 afresh the way its source initialises itself, from a seeded generator."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from torch import nn
 
 from slimkit import SlimkitError, count_params, create_model, load, save
 from slimkit.core.graph import prunable_layers
-from slimkit.methods.routes.slim import slim_network
 from slimkit.models.checkpoint import from_module
 from slimkit.models.hypothesis import fit_hypothesis
+from slimkit.models.slimarch import slim_network
 
 CASES = {  # id: (arch, constructor args, input shape or None)
     "cifar_resnet": ("cifar_resnet", {"depth": 8, "width": 8, "in_chans": 1, "image_size": 8, "num_classes": 7}, None),

@@ -13,6 +13,7 @@ import sys
 from typing import Sequence
 
 import slimkit.cli.deploy_verbs as deploy_verbs  # the verb modules themselves, not the package (which imports this one)
+import slimkit.cli.route_verbs as route_verbs
 import slimkit.cli.train_verbs as train_verbs
 from slimkit.cli.options import Parser
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     deploy_verbs.add_parsers(sub)
     train_verbs.add_parsers(sub)
+    route_verbs.add_parsers(sub)
     return p
 
 

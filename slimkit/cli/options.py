@@ -256,6 +256,16 @@ def subset_seed_arg(p: argparse.ArgumentParser) -> None:
                    f"merge and den, whatever --seed is (default {SUBSET_SEED})")
 
 
+def kd_args(p: argparse.ArgumentParser, teacher: bool = True) -> None:
+    """Knowledge distillation's flags: shared by train, prune (with --teacher) and routes (its distill route)."""
+    if teacher:
+        p.add_argument("--teacher", metavar="CKPT",
+                       help="distil this trained network (a slimkit checkpoint with the same input and classes) into "
+                       "the one trained: (1 - w) CE + w T^2 KL(teacher || student) on the same augmented batches")
+    p.add_argument("--kd-weight", type=nonneg_float, default=0.5, help="w, the weight of the teacher's soft targets, in [0, 1]")
+    p.add_argument("--kd-temperature", type=positive_float, default=4.0, help="T, the softmax temperature of both networks")
+
+
 def from_scratch_args(p: argparse.ArgumentParser, epochs_help: str) -> None:
     """Network, schedule, optimiser and data flags of the verbs that train a registry net from scratch."""
     network_args(p, arch_default="cifar_resnet")

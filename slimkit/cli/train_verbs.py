@@ -13,6 +13,7 @@ from slimkit.cli.options import (
     fail,
     finish_verb,
     from_scratch_args,
+    kd_args,
     network_args,
     nonneg_float,
     optim_args,
@@ -109,7 +110,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainRunConfig(arch=args.arch, data=args.data, image_size=_image_size(args),
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, num_classes=args.num_classes, augment=args.augment,
-                         model_args=args.model_args, train=_train_config(args))
+                         model_args=args.model_args, slim=args.slim, teacher=args.teacher, kd_weight=args.kd_weight,
+                         kd_temperature=args.kd_temperature, train=_train_config(args))
     return _launch("train", args, lambda out, **kw: train(cfg, out, **kw),
                    "last.pt, summary.md, curves.png and metrics.jsonl")
 
@@ -175,11 +177,18 @@ def add_parsers(sub) -> None:
     finish_verb(v, _cmd_evolve)
 
     t = sub.add_parser(
-        "train", help="plain training from a seeded random init (e.g. the teachers of a merge)",
+        "train", help="plain training from a seeded random init (the teachers of a merge; --slim: the scratch route)",
         description="Train a registry network from scratch with the loop evolve uses (SGD, cosine with warm-up). "
-        "Writes last.pt, metrics.jsonl, summary.md and curves.png; --resume continues from the last finished epoch.",
+        "--slim R trains the fit hypothesis's architecture instead (the network cut to its KELS widths at split "
+        "rate R, initialised afresh); --teacher distils a trained network into it. Writes last.pt, metrics.jsonl, "
+        "summary.md and curves.png; --resume continues from the last finished epoch.",
     )
     from_scratch_args(t, "training epochs")
+    t.add_argument("--slim", type=split_rate, metavar="R",
+                   help="train the fit hypothesis's architecture at split rate R in (0, 1): every layer at its KELS "
+                   "width ceil(R*C), as `extract --split-rate R` would cut it, initialised as the source initialises "
+                   "itself")
+    kd_args(t)
     run_args(t)
     finish_verb(t, _cmd_train)
 
@@ -252,7 +261,7 @@ def add_parsers(sub) -> None:
     finish_verb(d, _cmd_den)
 
 
-RUN_VERBS = ("evolve", "train", "merge", "den")
+RUN_VERBS = ("evolve", "train", "merge", "den", "prune", "routes")
 # flags a resume may change, that name the run, or that only shape what is printed
 _NOT_SETTINGS = {"verb", "func", "out", "resume", "device", "debug", "json", "quiet"}
 
@@ -270,9 +279,10 @@ def invocation(args: argparse.Namespace) -> dict:
     """The verb's settings as given, JSON-normalised (recorded in the run's config.json)."""
     rec = {k: v for k, v in vars(args).items() if k not in _NOT_SETTINGS}
     if rec.get("teachers"):
-        from pathlib import Path
-
         rec["teachers"] = [str(Path(t).resolve()) for t in rec["teachers"]]
+    for key in ("ckpt", "teacher"):  # files are recorded absolute: a resume from elsewhere finds them
+        if rec.get(key):
+            rec[key] = str(Path(rec[key]).resolve())
     return json.loads(json.dumps(rec))
 
 

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from slimkit.core.errors import SlimkitError
 from slimkit.core.globalstate import seed_global
 from slimkit.data.loading import epoch_loader
+from slimkit.engine.distill import kd_loss
 from slimkit.engine.epochs import Hooks, Step, run_epoch
 from slimkit.engine.evaluate import device_layout as _layout
 
@@ -77,14 +78,19 @@ class Supervised(Hooks):
 
     Each epoch seeds its shuffling and augmentation from (seed, generation, epoch); the learning
     rate follows :func:`lr_at` (a parameter group with an ``lr_scale`` follows it scaled);
-    ``extra_loss`` (e.g. merging's gate penalty) is added to every step's task loss.
+    ``extra_loss`` (e.g. merging's gate penalty) is added to every step's task loss. With a
+    ``teacher`` (in eval mode, on the device) the task loss is knowledge distillation's
+    (:func:`slimkit.engine.distill.kd_loss`, ``kd`` = (weight, temperature)) on the teacher's logits of
+    the same augmented batch.
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, cfg: TrainConfig, generation: int = 1,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, progress: bool = False,
-                 device: str = "cpu", desc: str | None = None, extra_loss: Callable[[], torch.Tensor] | None = None):
+                 device: str = "cpu", desc: str | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
+                 teacher: nn.Module | None = None, kd: tuple[float, float] = (0.5, 4.0)):
         self.model, self.dataset, self.cfg, self.generation = model, dataset, cfg, generation
         self.augment, self.progress, self.device, self.desc, self.extra_loss = augment, progress, device, desc, extra_loss
+        self.teacher, self.kd = teacher, kd
         self.loss_fn = _loss_fn(cfg.loss)
         self.pairs: _ClassPairs | None = None
         self.lr = cfg.lr
@@ -113,7 +119,12 @@ class Supervised(Hooks):
         if augment is not None:
             x = augment(x)
         with _autocast(device):
-            if self.pairs is None:
+            if self.teacher is not None:
+                logits = self.model(_layout(x, device))
+                with torch.no_grad():
+                    teacher_logits = self.teacher(_layout(x, device))
+                loss = kd_loss(logits, teacher_logits, y, *self.kd)
+            elif self.pairs is None:
                 logits = self.model(_layout(x, device))
                 loss = self.loss_fn(logits, y)
             else:

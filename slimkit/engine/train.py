@@ -1,4 +1,6 @@
-"""Plain training from scratch: `slimkit train` (the teachers that merging starts from).
+"""Plain training from scratch: `slimkit train` (the teachers that merging starts from; the scratch and
+distill routes with ``slim`` and ``teacher``), and the fine-tuning of any network a method hands it
+(``network``: prune's pruned network).
 
 The same loop, data and run directory as evolve: ``last.pt`` (a self-describing checkpoint),
 ``metrics.jsonl``, ``summary.md``, ``curves.png``, ``state.pt`` for --resume, DDP under torchrun.
@@ -10,12 +12,17 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from torch import nn
+from torch.utils.data import Dataset
+
 from slimkit.core.cost import count_params
 from slimkit.core.errors import SlimkitError
 from slimkit.core.globalstate import keep_global_state, seed_global
+from slimkit.core.plan import check_split_rate
 from slimkit.data.augment import resolve_augment
 from slimkit.data.loading import check_workers
 from slimkit.data.select import datasets, num_classes_of
+from slimkit.engine.distill import check_kd_args, check_teacher
 from slimkit.engine.distributed import barrier, ddp, process_group, resolve_device
 from slimkit.engine.epochs import Phase, check_model_args, input_kwargs, log_epoch, run_phases
 from slimkit.engine.evaluate import accuracy
@@ -25,7 +32,11 @@ from slimkit.models import create_model, input_shape_of
 
 log = logging.getLogger("slimkit")
 
-__all__ = ["TrainRunConfig", "train", "plot_curves"]
+__all__ = ["TrainRunConfig", "Network", "network_of", "train", "plot_curves"]
+
+KD_WEIGHT, KD_TEMPERATURE = 0.5, 4.0  # distillation's defaults (Hinton et al.'s soft/hard mix, a common T)
+# settings added since runs were first recorded, and the value those older runs used
+_BEFORE = {"model_args": None, "slim": None, "teacher": None, "kd_weight": KD_WEIGHT, "kd_temperature": KD_TEMPERATURE}
 
 
 @dataclasses.dataclass
@@ -39,6 +50,10 @@ class TrainRunConfig:
     num_classes: int | None = None  # if given, the data must have exactly this many classes
     eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
     augment: str = "auto"  # training augmentation preset (slimkit.data.AUGMENTS); auto: shift below 64 px
+    slim: float | None = None  # train the fit hypothesis's architecture: arch cut to its KELS widths at this rate
+    teacher: str | None = None  # a trained network distilled into this one (its input and classes must match)
+    kd_weight: float = KD_WEIGHT  # w of (1 - w) CE + w T^2 KL(teacher || student)
+    kd_temperature: float = KD_TEMPERATURE  # T
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -52,34 +67,103 @@ class TrainRunConfig:
             raise SlimkitError(f"image_size must be at least 4, got {self.image_size!r}")
         resolve_augment(self.augment, int(self.image_size or 16))  # refuses an unknown preset
         check_model_args(self.model_args)
+        if self.slim is not None:
+            self.slim = check_split_rate(self.slim)
+        self.kd_weight, self.kd_temperature = check_kd_args(self.kd_weight, self.kd_temperature)
+        if self.teacher is not None:
+            path = Path(self.teacher).expanduser()
+            if not path.is_file():
+                raise SlimkitError(f"teacher {self.teacher}: no such file")
+            self.teacher = str(path.resolve())  # recorded absolute: a resume from another directory finds it
+            if self.train.loss != "ce":
+                raise SlimkitError(f"--teacher replaces the loss by distillation's (cross-entropy plus the teacher's "
+                                   f"soft targets); --loss {self.train.loss} cannot be combined with it")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass
+class Network:
+    """What a training run trains: its input (C, H, W), ``build(classes, train_set)`` giving the network
+    (called after the run's seed is set, before anything is written), and its name in the summary."""
+
+    input_shape: tuple[int, ...]
+    build: Callable[[int, Dataset], nn.Module]
+    name: str
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra checkpoint metadata (e.g. split)
+
+
+def network_of(cfg: TrainRunConfig) -> Network:
+    """The network ``cfg`` names: ``cfg.arch`` with its input arguments, or with ``cfg.slim`` its
+    fit hypothesis's architecture (the KELS widths), initialised afresh from the seed
+    (:func:`slimkit.models.slimarch.slim_network`)."""
+    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size, cfg.model_args)
+    shape = input_shape_of(cfg.arch, **kwargs)
+    if cfg.slim is None:
+        return Network(shape, lambda classes, _train: create_model(cfg.arch, num_classes=classes, **kwargs), cfg.arch)
+
+    def build(classes: int, _train: Dataset) -> nn.Module:
+        import torch
+
+        from slimkit.models.slimarch import slim_network
+
+        args = dict(kwargs)
+        given_shape = args.pop("input_shape", None)
+        return slim_network(cfg.arch, cfg.slim, num_classes=classes, model_args=args, input_shape=given_shape,
+                            generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    return Network(shape, build, f"{cfg.arch}, fit hypothesis architecture (KELS {cfg.slim:g})",
+                   meta={"split": {"mode": "kels", "rate": cfg.slim}})
+
+
 def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-          echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None) -> dict[str, Any]:
-    """Train ``cfg.arch`` from a seeded random init; returns the final record (test accuracy, params).
+          echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None,
+          network: Network | None = None, verb: str = "train", config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg.arch`` (or ``network``) from a seeded random init; returns the final record (test accuracy, params).
 
     ``device``: cpu, cuda or auto; on CUDA the steps run under bf16 autocast with channels_last.
     ``workers``: loader processes for image sets (None: slimkit.data.loading.default_workers()); results do not depend on it.
+    ``network``: train this instead of what ``cfg`` names (a method's network to fine-tune); ``verb`` and
+    ``config`` (what a resume must match, default ``cfg.to_json()``) then name the method's run.
     Torch's global generators, thread count and cudnn flags are left as they were."""
     workers = check_workers(workers)
     with keep_global_state():
         device = resolve_device(device)  # before the group: the chosen device picks its backend
         with process_group(device) as (rank, world):
             return _train(cfg, Path(out), resume, progress and rank == 0, echo if rank == 0 else (lambda s: None),
-                          rank, world, device, workers)
+                          rank, world, device, workers, network, verb, config)
+
+
+def _teacher(cfg: TrainRunConfig, device: str) -> nn.Module | None:
+    if cfg.teacher is None:
+        return None
+    from slimkit.models.checkpoint import load
+
+    try:
+        teacher = load(cfg.teacher)
+    except SlimkitError as exc:
+        raise SlimkitError(f"teacher {cfg.teacher}: {exc}") from exc
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
 
 
 def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
-           rank: int, world: int, device: str, workers: int = 0) -> dict[str, Any]:
-    run = RunDir(out, "train", cfg.to_json(), resume, main=rank == 0, before={"model_args": None}).check()
-    kwargs = input_kwargs(cfg.arch, cfg.data, cfg.image_size, cfg.model_args)
-    shape = input_shape_of(cfg.arch, **kwargs)
+           rank: int, world: int, device: str, workers: int = 0, network: Network | None = None,
+           verb: str = "train", config: dict[str, Any] | None = None) -> dict[str, Any]:
+    run = RunDir(out, verb, config if config is not None else cfg.to_json(), resume, main=rank == 0,
+                 before=_BEFORE).check()
+    net_src = network if network is not None else network_of(cfg)
+    shape = net_src.input_shape
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
+    classes = num_classes_of(train_ds, test, cfg.num_classes)
+    teacher = _teacher(cfg, device)
     seed_global(cfg.train.seed, device)  # the initial weights are part of the seeded run
-    model = create_model(cfg.arch, num_classes=num_classes_of(train_ds, test, cfg.num_classes), **kwargs)
+    model = net_src.build(classes, train_ds)
+    if teacher is not None:
+        check_teacher(teacher, model, f"teacher {cfg.teacher}")
+        teacher = prepare_model(teacher, device)
     barrier(world)  # every rank has checked the directory and the data before rank 0 writes
     run.begin()
     net = ddp(prepare_model(model, device), world)
@@ -92,7 +176,7 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
         echo(f"{out} has run all {start} epochs; writing its outputs again from state.pt" if start >= cfg.train.epochs
              else f"resuming {out} at epoch {start + 1}")
     hooks = Supervised(net, train_ds, cfg.train, augment=train_ds.batch_augment, progress=progress, device=device,
-                       desc="train")
+                       desc=verb, teacher=teacher, kd=(cfg.kd_weight, cfg.kd_temperature))
 
     def end_epoch(epoch: int, record: dict[str, Any]) -> None:
         if run.main:
@@ -105,19 +189,21 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
     if not finished or not run.main:
         return {}
     acc = accuracy(model, test, device=device)
-    run.save_model(model, "last.pt", metrics={"test_acc": acc, "epochs": cfg.train.epochs},
+    run.save_model(model, "last.pt", metrics={"test_acc": acc, "epochs": cfg.train.epochs}, **net_src.meta,
                    data={"name": cfg.data, "image_size": shape[1], "in_chans": shape[0], "split_seed": 0,
                          "train_per_class": cfg.train_per_class, "subset_seed": cfg.subset_seed,
                          "preprocess": train_ds.preprocess},
-                   provenance={"recipe": "slimkit train", "config": cfg.to_json()})
+                   provenance={"recipe": f"slimkit {verb}", "config": config if config is not None else cfg.to_json()})
     params = count_params(model)
+    kd = (f", distilled from {cfg.teacher} (weight {cfg.kd_weight:g}, temperature {cfg.kd_temperature:g})"
+          if cfg.teacher else "")
     run.write_text("summary.md",
-        f"# {cfg.arch} trained on {cfg.data}\n\n"
-        f"{cfg.train.epochs} epochs, loss {cfg.train.loss}, lr {cfg.train.lr:g}, seed {cfg.train.seed}"
+        f"# {net_src.name} trained on {cfg.data}\n\n"
+        f"{cfg.train.epochs} epochs, loss {cfg.train.loss}{kd}, lr {cfg.train.lr:g}, seed {cfg.train.seed}"
         + (f", {cfg.train_per_class} training images per class (subset seed {cfg.subset_seed})" if cfg.train_per_class else "")
         + f"\n\n| test accuracy | parameters |\n|---:|---:|\n| {100 * acc:.2f}% | {params:,} |\n")
-    run.write_figure("curves.png", plot_curves(run.records("epoch"), title=f"{cfg.arch} on {cfg.data}"))
-    echo(f"trained {cfg.arch} for {cfg.train.epochs} epochs: test accuracy {100 * acc:.2f}%  -> {out / 'last.pt'}")
+    run.write_figure("curves.png", plot_curves(run.records("epoch"), title=f"{net_src.name} on {cfg.data}"))
+    echo(f"trained {net_src.name} for {cfg.train.epochs} epochs: test accuracy {100 * acc:.2f}%  -> {out / 'last.pt'}")
     return {"test_acc": acc, "params": params}
 
 

@@ -1,6 +1,6 @@
 """Where networks come from: model sources (registry.py), the built-in small nets (small.py), DEN's network
-(den_net.py), checkpoints (checkpoint.py: a file is a source too) and the fit hypothesis cut out of a loaded
-network (hypothesis.py).
+(den_net.py), checkpoints (checkpoint.py: a file is a source too), the fit hypothesis cut out of a loaded
+network (hypothesis.py) and a source's slim architecture initialised afresh (slimarch.py).
 
 Importing this package registers the built-in nets; the public names are those of the registry.
 """
