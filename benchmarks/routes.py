@@ -58,12 +58,20 @@ def data_root(data: str) -> str:
     return str(folder)
 
 
+def _suffix(epochs: int, budget: int, loss: str) -> str:
+    return f"_e{epochs}_b{budget}" + ("" if loss == "ce" else f"_{loss}")
+
+
+def _key(args, data: str, size: int, seed: int) -> str:
+    return f"{data}_{size}_s{seed}" + _suffix(args.epochs, args.budget, args.loss)
+
+
 def run_cell(root: str, data: str, size: int, seed: int, args) -> dict:
     from slimkit.methods.routes.run import RoutesConfig, run_routes
 
-    out = RUNS / f"{data}_{size}_s{seed}_e{args.epochs}_b{args.budget}"
+    out = RUNS / _key(args, data, size, seed)
     cfg = RoutesConfig(data=root, split_rate=0.5, budget=args.budget, epochs=args.epochs, seeds=(seed,),
-                       train_per_class=size, subset_seed=seed, threads=1, runs=args.runs, warmup=5)
+                       train_per_class=size, subset_seed=seed, threads=1, runs=args.runs, warmup=5, loss=args.loss)
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     rep = run_routes(cfg, out, resume=(out / "config.json").is_file(), progress=False, echo=lambda s: None,
@@ -155,6 +163,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=20, help="epochs of a KE generation (and dense N1)")
     ap.add_argument("--budget", type=int, default=200)
+    ap.add_argument("--loss", default="ce", choices=("ce", "smooth"), help="every route's loss (a recipe change)")
     ap.add_argument("--runs", type=int, default=30, help="timed runs of each architecture")
     ap.add_argument("--report", action="store_true", help="only write the report from the cached cells")
     args = ap.parse_args()
@@ -163,7 +172,7 @@ def main() -> None:
         root = data_root(args.data)
         for size in (int(s) for s in args.sizes.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
-                key = f"{args.data}_{size}_s{seed}_e{args.epochs}_b{args.budget}"
+                key = _key(args, args.data, size, seed)
                 if key in load_cells():
                     continue
                 cell = run_cell(root, args.data, size, seed, args)

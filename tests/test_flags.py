@@ -12,10 +12,10 @@ from conftest import randomize_bn
 
 from slimkit import create_model, load, save
 
-READING = ("extract", "export", "bench", "compare", "merge")  # read a network from a checkpoint
-BUILDING = ("train", "evolve")  # build one (--input-shape: the data's channels and --image-size)
-WRITING = ("extract", "export", "bench", "compare", "train", "evolve", "merge", "den")
-TRAINING = ("train", "evolve", "merge", "den")
+READING = ("extract", "export", "bench", "compare", "merge", "prune")  # read a network from a checkpoint
+BUILDING = ("train", "evolve", "routes")  # build one (--input-shape: the data's channels and --image-size)
+WRITING = ("extract", "export", "bench", "compare", "train", "evolve", "merge", "den", "prune", "routes")
+TRAINING = ("train", "evolve", "merge", "den", "prune", "routes")
 NETWORK = ("--arch", "--num-classes", "--model-args", "--input-shape")
 
 
@@ -47,7 +47,7 @@ def test_every_network_verb_names_it_with_the_same_four_flags():
 @pytest.mark.parametrize("verb", READING)
 def test_input_shape_is_c_h_w_everywhere_and_the_old_batch_form_warns(verb, capsys):
     p = _verbs()[verb]
-    first = ["ckpt"] if verb != "merge" else []
+    first = ["ckpt"] if verb not in ("merge",) else []
     for text in ("3,32,32", "3x32x32"):
         assert p.parse_args([*first, "--input-shape", text]).input_shape == (3, 32, 32)
     assert capsys.readouterr().err == ""
@@ -69,7 +69,7 @@ def test_every_writing_verb_takes_o_out_and_the_old_output_still_works(capsys):
     for verb in WRITING:
         a = _flag(verbs[verb], "-o")
         assert a is not None and a.option_strings == ["-o", "--out"] and a.dest == "out", verb
-        first = {"extract": ["c"], "export": ["c"], "compare": ["c"], "bench": ["c"]}.get(verb, [])
+        first = {"extract": ["c"], "export": ["c"], "compare": ["c"], "bench": ["c"], "prune": ["c"]}.get(verb, [])
         assert verbs[verb].parse_args([*first, "-o", "X"]).out == "X"
         assert capsys.readouterr().err == ""
         old = _flag(verbs[verb], "--output")
@@ -104,8 +104,10 @@ def _library(verb: str) -> list:
     from slimkit.methods.ke.evolve import EvolveConfig, evolve
     from slimkit.methods.ke.extract import extract
     from slimkit.methods.merge.merging import MergeConfig, merge
+    from slimkit.methods.routes.pruning import PruneRunConfig, prune_run
+    from slimkit.methods.routes.run import RoutesConfig, run_routes
 
-    return {"extract": [extract], "export": [export_onnx], "bench": [bench_files], "compare": [compare],
+    return {"prune": [prune_run, PruneRunConfig], "routes": [run_routes, RoutesConfig],"extract": [extract], "export": [export_onnx], "bench": [bench_files], "compare": [compare],
             "train": [train, TrainRunConfig, TrainConfig], "evolve": [evolve, EvolveConfig, TrainConfig],
             "merge": [merge, MergeConfig], "den": [run_den, DENConfig]}[verb]
 
@@ -128,6 +130,9 @@ def test_the_library_defaults_equal_the_cli_defaults(verb):
         cli["batch"] = tuple(parse_batches(cli["batch"]))
     if verb == "den":
         cli["baselines"] = tuple(cli["baselines"].split(","))
+    if verb == "routes":
+        cli["routes"] = tuple(cli["routes"].split(","))
+        cli["latency_batches"] = tuple(parse_batches(cli.pop("batch")))
     if verb == "merge":  # the merge's phases take their own schedule: --lr etc. are MergeConfig.gate's
         for k in ("lr", "warmup_epochs", "batch_size", "epochs", "loss", "weight_decay", "seed"):
             cli.pop(k, None)
@@ -193,12 +198,14 @@ def test_training_verbs_build_model_args_and_resume_reads_them(cli, tmp_path, ve
 @pytest.mark.parametrize("verb", BUILDING)
 def test_training_verbs_read_input_shape_as_the_datas_channels_and_square_side(cli, tmp_path, verb):
     tiny = ["--epochs", "1", "--warmup-epochs", "0", "--train-per-class", "2", "--quiet",
-            *(["--generations", "1"] if verb == "evolve" else [])]
+            *(["--generations", "1"] if verb == "evolve" else []),
+            *(["--budget", "2", "--seeds", "0", "--routes", "dense", "--runs", "2", "--warmup", "1"] if verb == "routes"
+              else [])]
     out = tmp_path / "t"
     r = cli(verb, "--arch", "small_vgg", "--input-shape", "1,8,8", *tiny, "-o", out)  # digits: one channel
     assert r.code == 0, r.err
     assert json.loads((out / "config.json").read_text())["image_size"] == 8
-    ckpt = out / ("last.pt" if verb == "train" else "gen1/last.pt")
+    ckpt = out / {"train": "last.pt", "evolve": "gen1/last.pt", "routes": "seed0/dense/last.pt"}[verb]
     assert tuple(load(ckpt).slimkit_spec.input_shape) == (1, 8, 8)
     for bad, said in ((["--input-shape", "3,8,8"], "takes 1-channel images, not 3"),
                       (["--input-shape", "1,8,6"], "give H == W"),

@@ -32,7 +32,7 @@ from slimkit.models import create_model, input_shape_of
 
 log = logging.getLogger("slimkit")
 
-__all__ = ["TrainRunConfig", "Network", "network_of", "train", "plot_curves"]
+__all__ = ["TrainRunConfig", "Network", "network_of", "train", "load_teacher", "plot_curves"]
 
 KD_WEIGHT, KD_TEMPERATURE = 0.5, 4.0  # distillation's defaults (Hinton et al.'s soft/hard mix, a common T)
 # settings added since runs were first recorded, and the value those older runs used
@@ -135,15 +135,14 @@ def train(cfg: TrainRunConfig, out: str | Path, resume: bool = False, progress: 
                           rank, world, device, workers, network, verb, config)
 
 
-def _teacher(cfg: TrainRunConfig, device: str) -> nn.Module | None:
-    if cfg.teacher is None:
-        return None
+def load_teacher(path: str) -> nn.Module:
+    """The teacher network in ``path`` (a checkpoint slimkit reads by itself), frozen, in eval mode."""
     from slimkit.models.checkpoint import load
 
     try:
-        teacher = load(cfg.teacher)
+        teacher = load(path)
     except SlimkitError as exc:
-        raise SlimkitError(f"teacher {cfg.teacher}: {exc}") from exc
+        raise SlimkitError(f"teacher {path}: {exc}") from exc
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher.eval()
@@ -158,7 +157,7 @@ def _train(cfg: TrainRunConfig, out: Path, resume: bool, progress: bool, echo,
     shape = net_src.input_shape
     train_ds, test = datasets(cfg.data, shape[0], shape[1], cfg.train_per_class, cfg.subset_seed, cfg.augment, workers)
     classes = num_classes_of(train_ds, test, cfg.num_classes)
-    teacher = _teacher(cfg, device)
+    teacher = load_teacher(cfg.teacher) if cfg.teacher is not None else None
     seed_global(cfg.train.seed, device)  # the initial weights are part of the seeded run
     model = net_src.build(classes, train_ds)
     if teacher is not None:

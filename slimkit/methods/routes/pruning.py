@@ -21,8 +21,9 @@ from torch.utils.data import Dataset
 
 from slimkit.core.errors import SlimkitError
 from slimkit.core.plan import check_split_rate
+from slimkit.engine.distill import check_teacher
 from slimkit.engine.loop import TrainConfig
-from slimkit.engine.train import KD_TEMPERATURE, KD_WEIGHT, Network, TrainRunConfig, train
+from slimkit.engine.train import KD_TEMPERATURE, KD_WEIGHT, Network, TrainRunConfig, load_teacher, train
 from slimkit.methods.routes.prune import CRITERIA, prune
 from slimkit.models import spec_of
 
@@ -104,6 +105,8 @@ def prune_run(cfg: PruneRunConfig, out: str | Path, resume: bool = False, progre
                              train_per_class=cfg.train_per_class, subset_seed=cfg.subset_seed,
                              eval_every=cfg.eval_every, augment=cfg.augment, teacher=cfg.teacher,
                              kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature, train=cfg.finetune)
+    if run_cfg.teacher is not None:  # before the data is read and the network cut: the pruned one has the source's
+        check_teacher(load_teacher(run_cfg.teacher), src.model, f"teacher {run_cfg.teacher}")  # input and classes
     config = {**cfg.to_json(), "ckpt": str(Path(cfg.ckpt).resolve()), "ckpt_sha256": src.sha256,
               "teacher": run_cfg.teacher}
 

@@ -57,7 +57,7 @@ class RoutesConfig:
     split_rate: float = 0.5
     budget: int = 300  # training epochs every route gets (KE: budget / epochs generations)
     epochs: int = 30  # epochs of one KE generation (and of dense N1)
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     routes: tuple[str, ...] = ROUTES
     criterion: str = "l1"  # prune's importance
     finetune_epochs: int | None = None  # prune's fine-tuning (None: one generation's epochs)
