@@ -45,6 +45,10 @@ _EXPORTS = {
     "MergeConfig": "slimkit.methods.merge.merging",
     "den": "slimkit.methods.den.sequence:run_den",
     "DENConfig": "slimkit.methods.den.config",
+    "prune": "slimkit.methods.routes.pruning:prune_run",
+    "PruneRunConfig": "slimkit.methods.routes.pruning",
+    "routes": "slimkit.methods.routes.run:run_routes",
+    "RoutesConfig": "slimkit.methods.routes.run",
 }
 
 __all__ = ["__version__", *_EXPORTS]

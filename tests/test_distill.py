@@ -49,6 +49,15 @@ def test_weight_zero_is_plain_cross_entropy_and_the_teacher_gets_no_gradient():
     assert student.grad is not None and teacher.grad is None
 
 
+def test_label_smoothing_smooths_the_hard_term_only_worked_by_hand():
+    # student (0, ln 3) -> log q = (ln 1/4, ln 3/4); label 1, smoothing e = 0.1 over K = 2 classes:
+    # target (0.05, 0.95), CE = -(0.05 ln 1/4 + 0.95 ln 3/4). Teacher = student: KL = 0, so the loss is (1 - w) CE.
+    student = torch.tensor([[0.0, L3]], dtype=torch.float64)
+    ce = -(0.05 * math.log(0.25) + 0.95 * math.log(0.75))
+    got = kd_loss(student, student, torch.tensor([1]), weight=0.3, temperature=2.0, label_smoothing=0.1)
+    assert float(got) == pytest.approx(0.7 * ce, rel=1e-12)
+
+
 def test_identical_logits_leave_only_the_weighted_cross_entropy():
     # KL(p || p) = 0 at any temperature: the loss is (1 - w) CE
     logits = torch.tensor([[2.0, -1.0, 0.5]], dtype=torch.float64)

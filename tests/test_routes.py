@@ -129,7 +129,7 @@ def test_prune_bad_input_is_one_line_exit_2_nothing_written(cli, dense, tmp_path
         "rate1": (("--split-rate", "1.5"), "split rate"),
         "teacher_classes": (("--teacher", t5), "it takes 1x16x16 inputs and has 5 classes, the student takes 1x16x16 and has 10"),
         "teacher_input": (("--teacher", t8), "it takes 1x8x8 inputs"),
-        "teacher_loss": (("--teacher", dense, "--loss", "smooth"), "--loss smooth cannot be combined"),
+        "teacher_loss": (("--teacher", dense, "--loss", "cskd"), "give one of them (--loss ce or smooth)"),
         "no_ckpt": (("--arch", "cifar_resnet"), "no such file"),
         "wrong_data": (("--data", str(tmp_path / "nowhere")), "nowhere"),
     }[case]
@@ -166,6 +166,7 @@ ROUTES = ("routes", *SMALL, "--data", "digits", "--train-per-class", "2", "--bat
     (("--split-rate", "1"), "split rate"),
     (("--routes", "ke,magic"), "unknown route 'magic'"),
     (("--criterion", "random"), "unknown pruning criterion 'random'"),
+    (("--loss", "cskd"), "give --loss ce or smooth, or leave distill out of --routes"),
 ])
 def test_routes_bad_input_is_one_line_exit_2_nothing_written(cli, tmp_path, args, match):
     out = tmp_path / "r"

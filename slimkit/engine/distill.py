@@ -29,12 +29,13 @@ def check_kd_args(weight: float, temperature: float) -> tuple[float, float]:
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-            weight: float, temperature: float) -> torch.Tensor:
+            weight: float, temperature: float, label_smoothing: float = 0.0) -> torch.Tensor:
     """Hinton et al.'s distillation loss, averaged over the batch of B examples::
 
         (1 - w) * CE(s, y)  +  w * T^2 * KL( softmax(t / T) || softmax(s / T) )
 
-    with CE(s, y) = -(1/B) sum_b log softmax(s_b)[y_b] (plain cross-entropy at temperature 1) and
+    with CE(s, y) = -(1/B) sum_b log softmax(s_b)[y_b] (plain cross-entropy at temperature 1; with
+    ``label_smoothing`` e, the cross-entropy against (1 - e) one_hot(y) + e / K, as the run's loss) and
     KL(p || q) = (1/B) sum_b sum_k p_bk (log p_bk - log q_bk). The T^2 factor keeps the soft term's
     gradients the same size as the hard term's when T changes (the paper's section 2). The teacher's
     logits are constants (detached). ``weight`` 0 gives plain cross-entropy.
@@ -43,7 +44,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets:
     if student_logits.shape != teacher_logits.shape:
         raise SlimkitError(f"teacher logits {list(teacher_logits.shape)} do not match the student's "
                            f"{list(student_logits.shape)}")
-    hard = F.cross_entropy(student_logits, targets)
+    hard = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
     if w == 0.0:
         return hard
     log_q = F.log_softmax(student_logits / t, dim=1)  # (B, K) student at temperature T

@@ -68,8 +68,12 @@ def epoch_seed(seed: int, generation: int, epoch: int) -> int:
     return (seed * 1_000_003 + generation * 10_007 + epoch) % (2**63)
 
 
+def _smoothing(name: str) -> float:
+    return 0.1 if name == "smooth" else 0.0
+
+
 def _loss_fn(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    smoothing = 0.1 if name == "smooth" else 0.0
+    smoothing = _smoothing(name)
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=smoothing)
 
 
@@ -123,7 +127,7 @@ class Supervised(Hooks):
                 logits = self.model(_layout(x, device))
                 with torch.no_grad():
                     teacher_logits = self.teacher(_layout(x, device))
-                loss = kd_loss(logits, teacher_logits, y, *self.kd)
+                loss = kd_loss(logits, teacher_logits, y, *self.kd, label_smoothing=_smoothing(self.cfg.loss))
             elif self.pairs is None:
                 logits = self.model(_layout(x, device))
                 loss = self.loss_fn(logits, y)

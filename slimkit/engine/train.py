@@ -75,9 +75,9 @@ class TrainRunConfig:
             if not path.is_file():
                 raise SlimkitError(f"teacher {self.teacher}: no such file")
             self.teacher = str(path.resolve())  # recorded absolute: a resume from another directory finds it
-            if self.train.loss != "ce":
-                raise SlimkitError(f"--teacher replaces the loss by distillation's (cross-entropy plus the teacher's "
-                                   f"soft targets); --loss {self.train.loss} cannot be combined with it")
+            if self.train.loss == "cskd":
+                raise SlimkitError("--teacher distils another network's soft targets and --loss cskd the network's "
+                                   "own (class-wise self-distillation); give one of them (--loss ce or smooth)")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

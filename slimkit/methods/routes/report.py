@@ -145,9 +145,9 @@ def write_report(run, cfg: Any, records: list[dict[str, Any]], latency: dict[str
         if runner_up and pick["mean"] - runner_up[0]["mean"] < max(pick["sd"], runner_up[0]["sd"]):
             lines.append("The lead is smaller than the spread between seeds: more seeds would be needed to tell "
                          "these routes apart.")
-    report = {"config": cfg.to_json(), "rows": rows, "pick": pick, "latency": latency}
+    report = {"config": cfg.to_json(), "rows": rows, "pick": pick, "latency": latency, "markdown": "\n".join(lines)}
     run.write_text("routes.md", "\n".join(lines) + "\n")
-    run.write_text("routes.json", json.dumps(report, indent=2) + "\n")
+    run.write_text("routes.json", json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=2) + "\n")
     run.write_figure("routes.png", plot_routes(rows, batches[0], f"{cfg.arch} on {cfg.data}, split rate {cfg.split_rate:g}"))
     return report
 

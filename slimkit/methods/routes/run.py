@@ -98,6 +98,9 @@ class RoutesConfig:
             raise SlimkitError(f"unknown pruning criterion {self.criterion!r}; available: {', '.join(CRITERIA)}")
         if self.loss not in LOSSES:
             raise SlimkitError(f"unknown loss {self.loss!r}; available: {', '.join(LOSSES)}")
+        if self.loss == "cskd" and "distill" in self.routes:
+            raise SlimkitError("the distill route distils the dense network's soft targets and --loss cskd the "
+                               "network's own; give --loss ce or smooth, or leave distill out of --routes")
         if int(self.epochs) < 1:
             raise SlimkitError(f"epochs per generation must be a positive integer, got {self.epochs!r}")
         if int(self.budget) < minimum_budget(self.epochs):
@@ -215,6 +218,7 @@ def run_routes(cfg: RoutesConfig, out: str | Path, resume: bool = False, progres
             run.log({"kind": "latency", **latency})
             run.save_state({"routes_done": len(records), "latency": latency})
         report = write_report(run, cfg, records, latency)
+        echo(report.pop("markdown"))
         pick = report["pick"]
         if pick is not None:
             shutil.copyfile(pick["checkpoint"], out / ".pick.pt.tmp")
