@@ -66,16 +66,20 @@ def _verbs(net: Path, tmp: Path) -> dict[str, list]:
         "evolve": ["evolve", "--arch", "small_vgg", *tiny, "--generations", "1", "--out", tmp / "e"],
         "den": ["den", "--tasks", "split:2", "--arch", "mlp:8,4", "--epochs", "1", "--baselines", "none",
                 "--out", tmp / "d"],
+        "prune": ["prune", net, "--train-per-class", "3", "--finetune-epochs", "1", "--out", tmp / "p"],
+        "routes": ["routes", "--arch", "small_vgg", *tiny, "--budget", "2", "--seeds", "0", "--routes", "dense,scratch",
+                   "--batch", "1", "--runs", "2", "--warmup", "1", "--out", tmp / "r"],
     }
 
 
-@pytest.mark.parametrize("verb", ["extract", "export", "bench", "compare", "models", "train", "evolve", "den"])
+@pytest.mark.parametrize("verb", ["extract", "export", "bench", "compare", "models", "train", "evolve", "den", "prune",
+                                  "routes"])
 def test_json_is_one_report_on_stdout_in_every_verb(cli, net_file, tmp_path, verb):
     argv = _verbs(net_file, tmp_path)[verb]
     r = cli(*argv, "--json")
     assert r.code == 0, r.err
     report = json.loads(r.out)  # the whole of stdout is one JSON document
-    if verb in ("train", "evolve", "den"):
+    if verb in ("train", "evolve", "den", "prune", "routes"):
         out = Path(argv[-1])
         assert report["out"] == str(out) and report["verb"] == verb
         assert sorted(report["files"]) == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())

@@ -210,5 +210,8 @@ def test_routes_writes_the_table_and_resumes_after_a_crash_to_the_same_table(cli
         r = cli("routes", "--resume", out)
         assert r.code == 0, (k, names[k - 1], r.err)
         assert _table(out) == whole, (k, names[k - 1])
+        resumed = load(out / "pick.pt").state_dict()
+        for key, value in load(tmp_path / "whole" / "pick.pt").state_dict().items():
+            assert torch.equal(resumed[key], value), (k, names[k - 1], key)  # the same computation: bit-exact
         if before is not None:  # a finished sub-run is not run again
             assert dense_ckpt.stat().st_mtime_ns == before, (k, names[k - 1])

@@ -192,6 +192,11 @@ def run_routes(cfg: RoutesConfig, out: str | Path, resume: bool = False, progres
     """Run every route of ``cfg`` for every seed in ``out`` (resumable), then measure, tabulate, plot and
     pick (:mod:`slimkit.methods.routes.report`); returns the report's JSON (empty when a test hook
     stopped the run)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SlimkitError("slimkit routes runs its routes one after another in one process; start it without "
+                           "torchrun (each route's own verb, e.g. `train`, runs data-parallel under torchrun)")
     out = Path(out)
     with keep_global_state():
         run = RunDir(out, "routes", cfg.to_json(), resume).check()
