@@ -156,7 +156,7 @@ def plot_routes(rows: list[dict[str, Any]], batch: str, title: str = ""):
     """Test accuracy (mean ± sd) against p50 latency at ``batch``, one point per route."""
     from slimkit.core.plots import figure
 
-    fig, ax = figure(size=(6.5, 4))
+    fig, ax = figure(size=(9, 4))
     for i, r in enumerate(rows):
         if batch not in r["p50_ms"]:
             continue
@@ -168,8 +168,8 @@ def plot_routes(rows: list[dict[str, Any]], batch: str, title: str = ""):
     ax.set_xlabel(f"p50 latency at batch {batch} (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the axes: never over a point
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.66, bottom=0.13, top=0.9)
     return fig
