@@ -179,6 +179,27 @@ def test_choose_alignment_returns_a_timed_candidate():
     assert rows[3].get("same_as") == 16 and rows[3]["p50_ms"] == rows[2]["p50_ms"]
 
 
+def _timed(scores: dict[int, float], spread: float = 0.01) -> list[dict]:
+    return [{"align": a, "score_ms": v, "p50_ms": {"1": v, "8": v}, "p90_ms": {"1": v * (1 + spread), "8": v * (1 + spread)}}
+            for a, v in scores.items()]
+
+
+@pytest.mark.parametrize("scores, block, spread, kept", [
+    ({1: 10.0, 8: 7.0, 16: 7.2, 32: 7.1}, 16, 0.01, 16),  # the block within 5% of the fastest: the block
+    ({1: 10.0, 8: 7.0, 16: 7.6, 32: 7.1}, 16, 0.01, 8),   # 8.6% behind: the fastest
+    ({1: 10.0, 8: 7.0, 16: 7.6, 32: 7.1}, 16, 0.10, 16),  # ...unless the timings themselves spread 10%
+    ({1: 10.0, 8: 7.0, 16: 7.2, 32: 7.1}, None, 0.01, 8),  # no CPU block (a GPU provider): the fastest
+    ({1: 10.0, 8: 7.3, 16: 7.0, 32: 7.1}, 8, 0.01, 8),    # AVX2's block 8 within 5% of 16
+    ({1: 6.0, 8: 7.3, 16: 7.0}, 16, 0.01, 1),             # unpadded clearly fastest: no padding
+])
+def test_auto_keeps_the_cpus_block_when_it_is_within_noise_of_the_fastest(scores, block, spread, kept):
+    from slimkit.deploy.align import pick_alignment
+
+    got, why = pick_alignment(_timed(scores, spread), block)
+    assert got == kept, why
+    assert why.startswith(str(kept))
+
+
 @pytest.mark.slow
 def test_export_align_auto_records_its_choice(cli, tmp_path):
     _, slim, _ = _nets("cifar_resnet", None, 0.8)

@@ -32,8 +32,8 @@ from slimkit.core.plan import KeepPlan, segments
 from slimkit.core.surgery import cut, plans_of
 from slimkit.models import create_model, spec_of
 
-__all__ = ["align_network", "aligned_plan", "choose_alignment", "check_align", "layer_widths", "ALIGN_CANDIDATES",
-           "VERIFY_RTOL", "align_for_export"]
+__all__ = ["align_network", "aligned_plan", "choose_alignment", "pick_alignment", "cpu_block", "check_align",
+           "layer_widths", "ALIGN_CANDIDATES", "VERIFY_RTOL", "align_for_export"]
 
 ALIGN_CANDIDATES = (1, 8, 16, 32)  # 1: the slim network as it is; 8: AVX2 blocks; 16: AVX-512 blocks
 VERIFY_RTOL = 1e-9  # aligned vs slim in float64, relative to max |logit| (a leak differs by a channel's share)
@@ -255,11 +255,11 @@ def choose_alignment(
     opset: int | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """Export ``model`` aligned to every candidate, time them interleaved on ``provider`` and return the
-    fastest candidate with every candidate's timings.
+    pick of :func:`pick_alignment` with every candidate's timings.
 
     The score is the geometric mean over ``batches`` of the p50 latency (each batch size counts alike,
-    whatever its absolute time); ties go to the smaller multiple. Candidates that give the same widths
-    as a smaller one are not timed twice (``same_as`` names it).
+    whatever its absolute time). Candidates that give the same widths as a smaller one are not timed
+    twice (``same_as`` names it).
     """
     from slimkit.deploy.bench import bench
     from slimkit.deploy.export import DEFAULT_OPSET, to_verified_onnx
@@ -300,8 +300,45 @@ def choose_alignment(
         row["p50_ms"] = {str(b): by[(f"align{c}", b)].p50_ms for b in batches}
         row["p90_ms"] = {str(b): by[(f"align{c}", b)].p90_ms for b in batches}
         row["score_ms"] = statistics.geometric_mean(row["p50_ms"].values())
-    best = min(rows, key=lambda r: (r["score_ms"], r["align"]))["align"]
+    best, why = pick_alignment(rows, cpu_block(provider))
+    for row in rows:
+        row["picked"] = row["align"] == best
+    rows[0]["why"] = why
     return best, rows
+
+
+AUTO_NOISE = 0.05  # scores within 5% of the fastest (or its own p50 -> p90 spread, if wider) are a tie
+
+
+def cpu_block(provider: str) -> int | None:
+    """The channel block of this CPU's vector width for ONNX Runtime's / torch's blocked conv kernels:
+    16 with AVX-512, 8 with AVX2, None otherwise and for GPU providers."""
+    if provider not in ("cpu", "torch"):
+        return None
+    from slimkit.deploy.quantize import cpu_flags
+
+    flags = cpu_flags()[1]
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+def pick_alignment(rows: Sequence[dict[str, Any]], block: int | None) -> tuple[int, str]:
+    """The multiple ``--align auto`` keeps from timed candidates (``align``, ``score_ms``, ``p50_ms``,
+    ``p90_ms`` per batch): the fastest, unless it is within the timing noise of the candidate equal to
+    the CPU's vector ``block``, which is then kept. Noise: AUTO_NOISE, or the fastest candidate's own
+    spread (geometric mean over batches of p90/p50 - 1) when that is wider. On a loaded machine the
+    multiples 8, 16 and 32 time within noise of each other and the plain fastest changes from run to run;
+    the block is the width the kernels are built for (aligned to 16 beat dense and slim in 18 of 18
+    AVX-512 measurements, ``benchmarks/results/align_sr0.8*.md``). Returns the multiple and why."""
+    fastest = min(rows, key=lambda r: (r["score_ms"], r["align"]))
+    spread = statistics.geometric_mean([fastest["p90_ms"][b] / fastest["p50_ms"][b] for b in fastest["p50_ms"]]) - 1
+    margin = max(AUTO_NOISE, spread)
+    native = next((r for r in rows if r["align"] == block), None)
+    if native is not None and native is not fastest and native["score_ms"] <= fastest["score_ms"] * (1 + margin):
+        return block, (f"{block} (this CPU's vector block) is within {100 * margin:.0f}% of the fastest, "
+                       f"{fastest['align']} ({native['score_ms']:.3g} vs {fastest['score_ms']:.3g} ms)")
+    return fastest["align"], f"{fastest['align']} is the fastest ({fastest['score_ms']:.3g} ms)" + (
+        f", more than {100 * margin:.0f}% ahead of {block}, this CPU's vector block" if native is not None
+        and native is not fastest else "")
 
 
 def align_for_export(model: nn.Module, align: int | str, input_shape: Sequence[int], provider: str = "cpu",
@@ -333,7 +370,8 @@ def align_for_export(model: nn.Module, align: int | str, input_shape: Sequence[i
     changes = list(dict.fromkeys(f"{w[1]}->{w[2]}" for w in padded.values()))
     how = "auto" if timings is not None else "fixed"
     summary = (f"aligned to multiples of {multiple}" + (f" (auto on {provider}: geometric-mean p50 over batches "
-               + ", ".join(f"{r['align']}: {r['score_ms']:.2f} ms" for r in timings) + ")" if timings else "")
+               + ", ".join(f"{r['align']}: {r['score_ms']:.2f} ms" for r in timings) + f"; kept {timings[0]['why']})"
+               if timings else "")
                + f": {len(padded)} of {len(widths)} cut layers padded ("
                + (", ".join(changes[:8]) + (", ..." if len(changes) > 8 else "") if changes else "none")
                + f"); MACs {macs['slim'] / 1e6:,.1f} M -> {macs['aligned'] / 1e6:,.1f} M; verified against the "

@@ -182,7 +182,7 @@ def _networks(fh, align: int | str | None, shape, provider: str, batches, thread
         info.update(chosen=multiple, candidates=timed)
         scores = ", ".join(f"{r['align']}: {r['score_ms']:.2f} ms" for r in timed if "same_as" not in r)
         how = (f"--align auto timed the candidates on {provider} (geometric-mean p50 over batches: {scores}; "
-               f"a multiple giving the same widths as a smaller one is not timed again) and chose {multiple}")
+               f"a multiple giving the same widths as a smaller one is not timed again) and kept {timed[0]['why']}")
     else:
         multiple = int(align)
         info["chosen"] = multiple
