@@ -75,6 +75,14 @@ def _call(verb: str, trained, tmp):
     if verb == "den":
         return slimkit.den(slimkit.DENConfig(tasks="split:2", hidden=(8, 4), epochs=1, baselines=("mtl",)), tmp / "r",
                            **QUIET)
+    if verb == "prune":
+        return slimkit.prune(slimkit.PruneRunConfig(ckpt=str(trained[0]), criterion="taylor", train_per_class=2,
+                                                    finetune=tiny), tmp / "r", **QUIET)
+    if verb == "routes":
+        return slimkit.routes(slimkit.RoutesConfig(arch="mlp", image_size=8, train_per_class=2, budget=2, epochs=1,
+                                                   seeds=(0,), routes=("dense", "scratch", "prune"), batch_size=16,
+                                                   warmup_epochs=0, latency_batches=(1,), runs=2, warmup=1),
+                              tmp / "r", **QUIET)
     if verb == "extract":
         return slimkit.extract(trained[0], split_rate=0.5, out=tmp / "s.pt")
     if verb == "export":
@@ -85,7 +93,8 @@ def _call(verb: str, trained, tmp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("verb", ["train", "evolve", "merge", "den", "extract", "export", "bench", "compare"])
+@pytest.mark.parametrize("verb", ["train", "evolve", "merge", "den", "prune", "routes", "extract", "export", "bench",
+                                  "compare"])
 def test_a_verb_leaves_the_session_as_it_found_it(verb, trained, session, tmp_path):
     before = _snapshot()
     _call(verb, trained, tmp_path)

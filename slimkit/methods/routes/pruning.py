@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from slimkit.core.errors import SlimkitError
+from slimkit.core.globalstate import keep_global_state
 from slimkit.core.plan import check_split_rate
 from slimkit.engine.distill import check_teacher
 from slimkit.engine.loop import TrainConfig
@@ -92,7 +93,14 @@ def prune_run(cfg: PruneRunConfig, out: str | Path, resume: bool = False, progre
               echo: Callable[[str], None] = log.info, device: str = "auto", workers: int | None = None) -> dict[str, Any]:
     """Prune ``cfg.ckpt`` to the KELS widths of ``cfg.split_rate`` by ``cfg.criterion``, verify the cut
     against the masked network, fine-tune it ``cfg.finetune.epochs`` epochs on ``cfg.data`` and write
-    the run directory ``out``; returns the final record (test accuracy, params)."""
+    the run directory ``out``; returns the final record (test accuracy, params). Torch's global
+    generators, thread count and cudnn flags are left as they were."""
+    with keep_global_state():  # building the checkpoint's network draws from the global generator
+        return _prune_run(cfg, out, resume, progress, echo, device, workers)
+
+
+def _prune_run(cfg: PruneRunConfig, out: str | Path, resume: bool, progress: bool, echo: Callable[[str], None],
+               device: str, workers: int | None) -> dict[str, Any]:
     from slimkit.models.checkpoint import read
 
     src = read(cfg.ckpt, arch=cfg.arch, num_classes=cfg.num_classes, model_args=cfg.model_args,
