@@ -125,7 +125,7 @@ def write_report(run, cfg: Any, records: list[dict[str, Any]], latency: dict[str
              + (f"{cfg.train_per_class} training images per class (subset seed {cfg.subset_seed}); "
                 if cfg.train_per_class else "")
              + f"seeds {', '.join(map(str, cfg.seeds))}; accuracy on the test split, mean ± sd over the seeds.",
-             f"Latency: ONNX Runtime {latency['provider']}, {latency['threads']} threads, {latency['cpu']}; one "
+             f"Latency: ONNX Runtime {latency['provider']}, {latency['threads']} thread{'s' if latency['threads'] != 1 else ''}, {latency['cpu']}; one "
              "timing per distinct architecture (every slim route has the same widths).", "",
              head, "|---|---|---:|---:|---:|" + "---:|" * len(batches) + "---:|"]
     for r in rows:
