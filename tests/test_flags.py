@@ -132,6 +132,7 @@ def test_the_library_defaults_equal_the_cli_defaults(verb):
         cli["baselines"] = tuple(cli["baselines"].split(","))
     if verb == "routes":
         cli["routes"] = tuple(cli["routes"].split(","))
+        cli["seeds"] = tuple(int(v) for v in cli["seeds"].split(","))
         cli["latency_batches"] = tuple(parse_batches(cli.pop("batch")))
     if verb == "merge":  # the merge's phases take their own schedule: --lr etc. are MergeConfig.gate's
         for k in ("lr", "warmup_epochs", "batch_size", "epochs", "loss", "weight_decay", "seed"):

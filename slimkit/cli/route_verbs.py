@@ -102,7 +102,7 @@ def add_parsers(sub) -> None:
     r.add_argument("--split-rate", type=split_rate, default=0.5, help="the slim network's KELS split rate, in (0, 1)")
     r.add_argument("--budget", type=positive_int, default=300,
                    help="training epochs of every route (a whole number of --epochs generations, at least two)")
-    r.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="training seeds, comma-separated (default 0,1,2)")
+    r.add_argument("--seeds", type=_seeds, default="0,1,2", help="training seeds, comma-separated")
     r.add_argument("--routes", default="dense,ke,scratch,prune,distill",
                    help="which routes, comma-separated (prune and distill need dense, which is added)")
     r.add_argument("--criterion", default="l1", help="prune's importance: l1 | l2 | taylor | kels")
