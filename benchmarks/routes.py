@@ -148,7 +148,7 @@ def report(args) -> None:
         if not rows:
             continue
         lines += [f"## {label}", "", *head, *rows, "",
-                  f"CPU: {', '.join(sorted(cpus))}, 1 thread per run, up to 6 runs sharing 2 cores; "
+                  f"CPU: {', '.join(sorted(cpus))}, 1 thread per run, up to 6 runs (and a test suite) sharing 2 cores; "
                   f"{secs / 60:.0f} min of runs in all.", ""]
         if suffix != VARIANTS[0][0]:  # the same cells under the default recipe, for the comparison
             lines += ["Under the default recipe, the same cells:", ""]
@@ -157,7 +157,7 @@ def report(args) -> None:
                 if key.endswith(VARIANTS[0][0]) and f"{data}_{size}{suffix}" in summary:
                     lines.append(f"- {data} {size}: " + ", ".join(
                         f"{LABELS[r]} {s['means'][r]:.1f} -> {summary[f'{data}_{size}{suffix}']['means'][r]:.1f}"
-                        for r in ("dense", "ke", "scratch", "distill") if r in s["means"]))
+                        for r in ("dense", "ke", "scratch", "prune", "distill") if r in s["means"]))
             lines.append("")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "routes.md").write_text("\n".join(lines) + "\n")
@@ -177,6 +177,7 @@ def _plot(summary: dict) -> None:
             if sizes and all(y is not None for y in ys):
                 ax.plot(sizes, ys, marker="o", label=LABELS[r], linestyle="--" if r in ("dense1", "dense", "ke_dense") else "-")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks([10, 20, 50], ["10", "20", "50"])
         ax.set_xlabel("training images per class")
         ax.set_ylabel("test accuracy (%)")
