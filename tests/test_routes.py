@@ -112,6 +112,30 @@ def test_prune_keeps_the_channels_its_criterion_ranks_highest_at_the_kels_widths
     assert any(moved)
 
 
+def test_prune_resumes_to_the_uninterrupted_run_and_refuses_a_changed_checkpoint(cli, dense, tmp_path):
+    import shutil
+
+    from slimkit.engine.testhooks import stop_after
+
+    src = shutil.copyfile(dense, tmp_path / "src.pt")
+    args = ("prune", src, "--criterion", "taylor", *PDATA, "--finetune-epochs", "3", "--taylor-batches", "1")
+    assert cli(*args, "-o", tmp_path / "a").code == 0
+    with stop_after(1):
+        assert cli(*args, "-o", tmp_path / "b").code == 0
+    assert not (tmp_path / "b" / "last.pt").exists()
+    assert cli("prune", "--resume", tmp_path / "b").code == 0  # the cut is recomputed, the weights come from the state
+    a, b = load(tmp_path / "a" / "last.pt").state_dict(), load(tmp_path / "b" / "last.pt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with stop_after(1):
+        assert cli(*args, "-o", tmp_path / "c").code == 0
+    save(create_model("cifar_resnet", depth=8, width=8, in_chans=1, image_size=16, num_classes=10), src, force=True)
+    r = cli("prune", "--resume", tmp_path / "c")
+    assert r.code == 2 and r.err.count("\n") == 1 and "ckpt_sha256" in r.err, r.err
+    r = cli("prune", *PDATA, "-o", tmp_path / "d")  # neither a checkpoint nor --resume
+    assert r.code == 2 and r.err.count("\n") == 1 and "give the trained network to prune" in r.err, r.err
+    assert not (tmp_path / "d").exists()
+
+
 @pytest.fixture()
 def five_class_teacher(tmp_path):
     return save(create_model("cifar_resnet", depth=8, width=8, in_chans=1, image_size=16, num_classes=5),

@@ -188,10 +188,13 @@ def out_arg(p: argparse.ArgumentParser, help: str, old_output: bool = False) -> 
         p.add_argument("--output", dest="out", action=DeprecatedAlias, use="-o/--out")
 
 
-def source_args(p: argparse.ArgumentParser, shape: bool = True) -> None:
-    """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint."""
-    p.add_argument("ckpt", help="slimkit checkpoint, or (with --arch) a state_dict, training checkpoint (timm, "
-                   "torchvision, Lightning) or safetensors file, or an official KE checkpoint")
+def source_args(p: argparse.ArgumentParser, shape: bool = True, resumable: bool = False) -> None:
+    """CKPT and the flags that say what a plain state_dict is: shared by every verb reading a checkpoint.
+    ``resumable``: a run verb, whose --resume remembers CKPT (then it may be left out)."""
+    p.add_argument("ckpt", nargs="?" if resumable else None,
+                   help="slimkit checkpoint, or (with --arch) a state_dict, training checkpoint (timm, "
+                   "torchvision, Lightning) or safetensors file, or an official KE checkpoint"
+                   + ("; --resume remembers it" if resumable else ""))
     network_args(p, shape=shape)
     weights_args(p)
 

@@ -6,6 +6,7 @@ import argparse
 
 from slimkit.cli.options import (
     data_args,
+    fail,
     finish_verb,
     from_scratch_args,
     kd_args,
@@ -23,6 +24,8 @@ from slimkit.cli.train_verbs import _image_size, _launch, _train_config
 def _cmd_prune(args: argparse.Namespace) -> int:
     from slimkit.methods.routes.pruning import PruneRunConfig, prune_run
 
+    if args.ckpt is None:
+        raise SystemExit(fail("prune", "give the trained network to prune (CKPT), or --resume DIR to continue a run"))
     cfg = PruneRunConfig(ckpt=args.ckpt, split_rate=args.split_rate, criterion=args.criterion, data=args.data,
                          train_per_class=args.train_per_class, subset_seed=args.subset_seed,
                          eval_every=args.eval_every, augment=args.augment, taylor_batches=args.taylor_batches,
@@ -72,7 +75,7 @@ def add_parsers(sub) -> None:
         "the masked network, and fine-tune on --data. Writes last.pt, metrics.jsonl, summary.md and curves.png; "
         "--resume continues from the last finished epoch.",
     )
-    source_args(p)
+    source_args(p, resumable=True)
     p.add_argument("--split-rate", type=split_rate, default=0.5, help="fraction of each layer's channels kept, in (0, 1)")
     p.add_argument("--criterion", default="l1",
                    help="l1 | l2 (weight magnitude of every coupled layer) | taylor (|w * dL/dw| on --taylor-batches "

@@ -303,5 +303,6 @@ def resume_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
             raise SlimkitError(f"cannot resume {args.resume}: it was run with {flag} {saved[dest]!r}, now "
                                f"{now.get(dest)!r}; resume without {flag} or choose a new --out")
     for dest, value in saved.items():
-        if dest not in _NOT_SETTINGS | given and not (dest == "teachers" and args.teachers):  # teachers may be named anew
+        if dest not in _NOT_SETTINGS | given and not (dest in ("teachers", "ckpt") and getattr(args, dest)):
+            # the input files may be named anew (a moved file): the run's settings still have to match
             setattr(args, dest, value)
