@@ -206,7 +206,7 @@ def _table(out) -> dict:
 
 
 @pytest.mark.slow
-def test_routes_writes_the_table_and_resumes_after_a_crash_to_the_same_table(cli, tmp_path):
+def test_routes_writes_the_table_and_resumes_after_a_crash_to_the_same_table(cli, tmp_path, monkeypatch):
     from slimkit.engine.testhooks import SimulatedCrash, crash_at
 
     with crash_at(None) as hook:
@@ -227,10 +227,15 @@ def test_routes_writes_the_table_and_resumes_after_a_crash_to_the_same_table(cli
     points = sorted({1, names.index("gen1/last.pt") + 1, n // 2, n - 3, n - 1, n})
     for k in points:
         out = tmp_path / f"crash{k}"
+        if k == points[-1]:  # started by a relative path in one directory, resumed by another from its parent
+            monkeypatch.chdir(tmp_path)
         with pytest.raises(SimulatedCrash), crash_at(k):
-            cli(*ROUTES, "-o", out)
+            cli(*ROUTES, "-o", out.relative_to(tmp_path) if k == points[-1] else out)
         dense_ckpt = out / "seed0" / "dense" / "last.pt"
         before = dense_ckpt.stat().st_mtime_ns if dense_ckpt.exists() else None
+        if k == points[-1]:
+            monkeypatch.chdir(tmp_path.parent)
+            out = out.relative_to(tmp_path.parent)
         r = cli("routes", "--resume", out)
         assert r.code == 0, (k, names[k - 1], r.err)
         assert _table(out) == whole, (k, names[k - 1])

@@ -213,10 +213,11 @@ def run_routes(cfg: RoutesConfig, out: str | Path, resume: bool = False, progres
                 recs = _route(cfg, route, seed, out / f"seed{seed}", kw)
                 if recs is None:
                     return {}  # a test hook stopped the sub-run: the parent stops as a crash there would
-                for rec in recs:
+                for rec in recs:  # checkpoints relative to the run: a resume from elsewhere finds them
+                    rec["checkpoint"] = str(Path(rec["checkpoint"]).relative_to(out))
                     run.log({"kind": "route", "seed": seed, **rec})
                 run.save_state({"routes_done": len(run.records("route"))})
-        records = run.records("route")
+        records = [{**r, "checkpoint": str(out / r["checkpoint"])} for r in run.records("route")]
         latency = run.state.get("latency") if run.state is not None else None
         if latency is None:
             latency = measure(cfg, records, out / "onnx", echo)
