@@ -259,6 +259,13 @@ def subset_seed_arg(p: argparse.ArgumentParser) -> None:
                    f"merge and den, whatever --seed is (default {SUBSET_SEED})")
 
 
+def finetune_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The fine-tuning phase of a verb that trains a network it was handed (merge's student, prune's cut)."""
+    p.add_argument("--finetune-epochs", type=positive_int, default=30, help=f"epochs of fine-tuning {what}")
+    p.add_argument("--finetune-lr", type=positive_float, default=0.01, help="peak SGD learning rate of fine-tuning")
+    p.add_argument("--finetune-warmup-epochs", type=int, default=1, help="warm-up epochs of fine-tuning")
+
+
 def kd_args(p: argparse.ArgumentParser, teacher: bool = True) -> None:
     """Knowledge distillation's flags: shared by train, prune (with --teacher) and routes (its distill route)."""
     if teacher:

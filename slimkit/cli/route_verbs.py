@@ -7,6 +7,7 @@ import argparse
 from slimkit.cli.options import (
     data_args,
     fail,
+    finetune_args,
     finish_verb,
     from_scratch_args,
     kd_args,
@@ -81,9 +82,7 @@ def add_parsers(sub) -> None:
                    help="l1 | l2 (weight magnitude of every coupled layer) | taylor (|w * dL/dw| on --taylor-batches "
                    "training batches) | kels (the KELS prefix)")
     p.add_argument("--taylor-batches", type=positive_int, default=8, help="training batches the taylor criterion reads")
-    p.add_argument("--finetune-epochs", type=positive_int, default=30, help="epochs of fine-tuning the pruned network")
-    p.add_argument("--finetune-lr", type=positive_float, default=0.01, help="peak SGD learning rate of fine-tuning")
-    p.add_argument("--finetune-warmup-epochs", type=int, default=1, help="warm-up epochs of fine-tuning")
+    finetune_args(p, "the pruned network")
     optim_args(p)
     data_args(p)
     kd_args(p)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from slimkit.cli.options import (
     data_args,
     fail,
+    finetune_args,
     finish_verb,
     from_scratch_args,
     kd_args,
@@ -209,9 +210,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--warmup-epochs", type=int, default=5, help="warm-up epochs of the gate phase")
     g.add_argument("--lambda-init", type=positive_float, default=1.0, help="initial weight of the half-open penalty")
     g.add_argument("--lambda-step", type=float, default=1.0, help="lambda += step*sqrt(lambda) after every gate epoch")
-    g.add_argument("--finetune-epochs", type=positive_int, default=30, help="epochs of fine-tuning the compressed student")
-    g.add_argument("--finetune-lr", type=positive_float, default=0.01, help="peak SGD learning rate of fine-tuning")
-    g.add_argument("--finetune-warmup-epochs", type=int, default=1, help="warm-up epochs of fine-tuning")
+    finetune_args(g, "the compressed student")
     optim_args(g)
     data_args(g)
     run_args(g)
