@@ -48,17 +48,18 @@ def _tool(name: str):
     return mod
 
 
-def load_cells() -> dict:
-    return json.loads(CELLS.read_text()) if CELLS.exists() else {}
+def load_cells(path: Path = CELLS) -> dict:
+    """The cached cells in ``path`` (benchmarks/routes.py keeps its own file)."""
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save_cell(key: str, value: dict) -> None:
-    cells = load_cells()  # re-read: another part may have written meanwhile
+def save_cell(key: str, value: dict, path: Path = CELLS) -> None:
+    cells = load_cells(path)  # re-read: another part may have written meanwhile
     cells[key] = value
-    RESULTS.mkdir(exist_ok=True)
-    tmp = CELLS.with_suffix(".tmp")
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(cells, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, CELLS)
+    os.replace(tmp, path)
 
 
 def data_root(data: str, tmp: Path) -> str:

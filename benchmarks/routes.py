@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import claims_vs_data  # noqa: E402  (its cell cache: the same cached, re-read-before-write file of results)
+
 RESULTS = ROOT / "benchmarks" / "results"
 CELLS = RESULTS / "routes_cells.json"
 RUNS = ROOT / "benchmarks" / ".runs" / "routes"
@@ -27,16 +30,11 @@ ORDER = ("dense1", "dense", "ke_dense", "ke", "scratch", "prune", "distill")
 
 
 def load_cells() -> dict:
-    return json.loads(CELLS.read_text()) if CELLS.exists() else {}
+    return claims_vs_data.load_cells(CELLS)
 
 
 def save_cell(key: str, value: dict) -> None:
-    cells = load_cells()  # re-read: another process may have written meanwhile
-    cells[key] = value
-    RESULTS.mkdir(exist_ok=True)
-    tmp = CELLS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cells, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, CELLS)
+    claims_vs_data.save_cell(key, value, CELLS)  # re-reads first: another process may have written meanwhile
 
 
 def data_root(data: str) -> str:
